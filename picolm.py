@@ -310,9 +310,10 @@ class GGUFFile:
 # prepare_x picks K so that no lane can overflow (F*|u-c| * sum|X| < 2**39
 # in every sub-block).  Each lane starts at 2**39 minus the centre term
 # c*F*sum(X), so lanes never borrow from each other; flipping their top bits
-# makes them two's complement, read back with one struct.unpack.  The floats
-# d, sc, dm, mn are then applied once per sub-block.  The only rounding is
-# that of x*K: about 1e-10 of |row|*|x|.
+# makes them two's complement, read back with one struct.unpack.  The
+# scales d*sc are then applied once per sub-block; the offsets dm*mn*sum(x)
+# too, except that K-quants' integer mins go through lanes of their own.
+# The only rounding is that of x*K: about 1e-10 of |row|*|x|.
 # ---------------------------------------------------------------------------
 
 import array
@@ -386,7 +387,7 @@ _IQ4_HI = _table(lambda b: _IQ4_VALUES[b >> 4] + 128)
 
 # --- block field helpers ----------------------------------------------------
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _struct(fmt, count):
     return struct.Struct("<" + fmt * count)
 
@@ -742,9 +743,11 @@ _FLOAT_TYPES = {GGML_F32: _floats_f32, GGML_F16: _floats_f16,
 # --- public API -------------------------------------------------------------
 
 # Lanes are _W bytes wide and biased by _BIAS.  40-bit lanes leave room for
-# about 31-bit activations: matvec errors near 1e-10 of |row|*|x|, so that
-# results round (to fp16 in a KV cache, say) as exact arithmetic would.
-# 32-bit lanes are about 10% faster but 1e-7 accurate.
+# 30-bit activations: matvec errors near 1e-10 of |row|*|x|, so results
+# round (to fp16 in a KV cache, say) as exact arithmetic would.  32-bit lanes
+# (_W = 4) are about 10% faster but 1e-7 accurate, which keeps the 1e-5
+# contract yet flips such roundings often enough to fail tests that compare
+# whole forward passes with a float64 reference.
 _W = 5
 _BIAS = 1 << (8 * _W - 1)
 
@@ -792,6 +795,7 @@ class PreparedX:
             return
         spec = _SPECS[type_id]
         bsize = QUANT_TYPES[type_id].block_size
+        row_bytes(type_id, self.n)   # checks that x spans whole blocks
         in_logical_order = operator.itemgetter(*spec.perm)
         groups = []   # per (block, sub-block): x values in logical order
         for b in range(0, self.n, bsize):
@@ -830,6 +834,7 @@ def _rounded(groups, K):
 
 
 def prepare_x(type_id, x):
+    """x (n_cols floats) preprocessed once for matvec with type type_id."""
     return PreparedX(type_id, x)
 
 
@@ -848,18 +853,18 @@ def _group_dots(a, b, k):
 _CHUNK_ROWS = 64                 # rows per lane integer
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _ones(R):
     """1 in every lane of an R-lane integer."""
     return ((1 << (8 * _W * R)) - 1) // ((1 << (8 * _W)) - 1)
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _lanes(count):
     return struct.Struct("<%dq" % count)
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _columns(R, n):
     return struct.Struct("%ds" % (_W * R) * n)
 
@@ -925,12 +930,10 @@ def matvec(type_id, data, n_cols, row_start, row_end, px):
             mins = _lane_dots([(0, 0, 1, mn)], R, ns, px.X_min, block_slices,
                               no_centre)
         for r in range(R):
-            if sc is None:
-                acc = _dot(d[r * nb:(r + 1) * nb], v[r::R]) * px.inv
-            else:
-                acc = _dot(d[r * nb:(r + 1) * nb],
-                           _group_dots(sc[r * ns:(r + 1) * ns], v[r::R], n_sub)
-                           ) * px.inv
+            rv = v[r::R]
+            if sc is not None:
+                rv = _group_dots(sc[r * ns:(r + 1) * ns], rv, n_sub)
+            acc = _dot(d[r * nb:(r + 1) * nb], rv) * px.inv
             if spec.int_mins:
                 acc += _dot(dm[r * nb:(r + 1) * nb], mins[r::R]) * px.inv_min
             elif dm is not None:
