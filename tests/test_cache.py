@@ -1,0 +1,149 @@
+"""--cache: a warm run prints what a cold run prints, the longest common prefix is
+reused, and every kind of bad cache file is ignored with one warning and rebuilt."""
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from unittest import mock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import picolm  # noqa: E402
+from gguf_writer import make_tiny_llama  # noqa: E402
+
+PICOLM = os.path.join(ROOT, "picolm.py")
+PROMPT = "You are a helpful assistant. Answer briefly and exactly. Question: the sky?"
+OTHER = "You are a helpful assistant. Answer briefly and exactly. Question: the sea?"
+
+
+class CacheTest(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.path = os.path.join(cls.tmp.name, "tiny.gguf")
+        make_tiny_llama(cls.path, quant_type="Q8_0", n_ctx_train=256)
+        cls.other = os.path.join(cls.tmp.name, "other.gguf")
+        make_tiny_llama(cls.other, quant_type="Q8_0", n_ctx_train=256, seed=1)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def setUp(self):
+        self.cache = os.path.join(self.tmp.name, "prompt.kv")
+        if os.path.exists(self.cache):
+            os.unlink(self.cache)
+
+    def cli(self, prompt=PROMPT, cache=True, model=None, extra=()):
+        args = [sys.executable, PICOLM, model or self.path, "-c", "256", "-n", "12",
+                "-p", prompt] + list(extra)
+        if cache:
+            args += ["--cache", self.cache]
+        r = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           timeout=120)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        return r.stdout, r.stderr.decode()
+
+    def warnings(self, err):
+        return [line for line in err.splitlines() if line.startswith("picolm: warning:")]
+
+    def test_warm_equals_cold_in_process(self):
+        for accelerate in (True, False):
+            for temperature, seed in ((0.0, 1), (0.9, 7)):
+                with picolm.Model(self.path, n_ctx=256, accelerate=accelerate) as m:
+                    cold = "".join(m.generate(PROMPT, 12, temperature, 0.9, seed))
+                    if os.path.exists(self.cache):
+                        os.unlink(self.cache)
+                    first = "".join(m.generate(PROMPT, 12, temperature, 0.9, seed,
+                                               cache=self.cache))
+                with picolm.Model(self.path, n_ctx=256, accelerate=accelerate) as m:
+                    stats = {}
+                    warm = "".join(m.generate(PROMPT, 12, temperature, 0.9, seed, stats,
+                                              cache=self.cache))
+                    n_prompt = len(m.tokenize(PROMPT))
+                self.assertEqual(stats["cached_tokens"], n_prompt - 1)
+                self.assertEqual(cold, first)
+                self.assertEqual(cold, warm)
+
+    def test_cli_warm_cold_and_prefix(self):
+        cold, _ = self.cli(cache=False, extra=("-t", "0.8", "-s", "5"))
+        out, err = self.cli(extra=("-t", "0.8", "-s", "5"))
+        self.assertEqual(out, cold)
+        self.assertEqual(len(self.warnings(err)), 1)        # absent: created
+        out, err = self.cli(extra=("-t", "0.8", "-s", "5"))
+        self.assertEqual(out, cold)
+        self.assertEqual(self.warnings(err), [])
+        with picolm.Model(self.path, n_ctx=256) as m:
+            a, b = m.tokenize(PROMPT), m.tokenize(OTHER)
+        common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        self.assertIn("picolm: Skipping %d cached prompt tokens" % (len(a) - 1), err)
+        other_cold, _ = self.cli(OTHER, cache=False)
+        other, err = self.cli(OTHER)
+        self.assertEqual(other, other_cold)
+        self.assertIn("picolm: Skipping %d cached prompt tokens" % common, err)
+        other, err = self.cli(OTHER)           # the file now holds the new prompt
+        self.assertIn("picolm: Skipping %d cached prompt tokens" % (len(b) - 1), err)
+        self.assertEqual(other, other_cold)
+
+    def test_bad_caches_are_rebuilt(self):
+        cold, _ = self.cli(cache=False)
+        self.cli()
+        with open(self.cache, "rb") as f:
+            good = f.read()
+        header = len(picolm.STATE_MAGIC) + 8 + picolm.STATE_FINGERPRINT.size
+        bad = {"empty": b"", "truncated header": good[:10], "truncated tokens": good[:header + 6],
+               "truncated kv": good[:len(good) // 2], "truncated checksum": good[:-1],
+               "padded": good + b"\0", "flipped kv byte": flip(good, len(good) // 2),
+               "flipped checksum": flip(good, len(good) - 3),
+               "flipped token": flip(good, header + 1),
+               "other version": good[:8] + b"\x63" + good[9:],
+               "garbage": os.urandom(len(good))}
+        with picolm.Model(self.other, n_ctx=256) as m:
+            m.eval(m.tokenize(PROMPT))
+            m.save_state(self.cache, m.tokenize(PROMPT))
+        with open(self.cache, "rb") as f:
+            bad["other model"] = f.read()
+        with picolm.Model(self.path, n_ctx=128) as m:
+            m.eval(m.tokenize(PROMPT))
+            m.save_state(self.cache, m.tokenize(PROMPT))
+        with open(self.cache, "rb") as f:
+            bad["other n_ctx"] = f.read()
+        for kind, data in bad.items():
+            with open(self.cache, "wb") as f:
+                f.write(data)
+            out, err = self.cli()
+            self.assertEqual(out, cold, kind)
+            self.assertEqual(len(self.warnings(err)), 1, (kind, err))
+            self.assertNotIn("Skipping", err, kind)
+            with open(self.cache, "rb") as f:
+                self.assertEqual(f.read(), good, kind)       # rewritten, valid
+        self.assertEqual(sorted(os.listdir(self.tmp.name)),
+                         ["other.gguf", "prompt.kv", "tiny.gguf"])
+
+    def test_failed_save_keeps_the_old_file(self):
+        self.cli()
+        with open(self.cache, "rb") as f:
+            good = f.read()
+        with picolm.Model(self.path, n_ctx=256) as m:
+            ids = m.tokenize(OTHER)
+            with mock.patch.object(picolm.os, "replace", side_effect=OSError(28, "No space")):
+                out = "".join(m.generate(ids, 5, 0.0, 0.9, 1, cache=self.cache))
+            self.assertTrue(out is not None)
+            with mock.patch.object(picolm.os, "fsync", side_effect=OSError(5, "I/O error")):
+                m.eval(ids[:1]) if not m.tokens else None
+                self.assertFalse(m.save_state(self.cache, m.tokens[:len(ids)]))
+        with open(self.cache, "rb") as f:
+            self.assertEqual(f.read(), good)
+        self.assertEqual(sorted(os.listdir(self.tmp.name)),
+                         ["other.gguf", "prompt.kv", "tiny.gguf"])
+
+
+def flip(data, at):
+    return data[:at] + bytes((data[at] ^ 0x40,)) + data[at + 1:]
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,176 @@
+"""--json / --json-schema end to end: a fuzz test over sampling settings, budgets,
+schemas and prompts on a random tiny model (in-process through Model.generate, plus a
+few CLI runs); every output parses with json.loads and satisfies its schema."""
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import picolm  # noqa: E402
+from gguf_writer import make_tiny_llama  # noqa: E402
+from test_grammar import validate_top  # noqa: E402
+
+PICOLM = os.path.join(ROOT, "picolm.py")
+FUZZ = int(os.environ.get("PICOLM_FUZZ", "1"))
+
+SCHEMAS = [
+    None,
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                      "age": {"type": "integer"}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 4},
+    {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                      "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+     "required": ["ok"]},
+    {"type": ["string", "null"], "minLength": 2, "maxLength": 6},
+    {"enum": [1, "two", [3], {"four": 4}]},
+    {"type": "object", "properties": {"k": {"const": "v"}, "n": {"type": "null"}},
+     "required": ["k", "n"], "additionalProperties": {"type": "integer"}},
+]
+PROMPTS = ["Reply with a JSON object describing a cat.", "Once upon a time",
+           '{"name": "', "the quick brown fox", "[1, 2,"]
+
+
+class TinyModelCase(unittest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.path = os.path.join(cls.tmp.name, "tiny.gguf")
+        make_tiny_llama(cls.path, quant_type="Q8_0", n_ctx_train=256)
+        cls.model = picolm.Model(cls.path, n_ctx=256)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.model.close()
+        cls.tmp.cleanup()
+
+    def run_json(self, prompt, n, temperature, top_p, seed, schema, n_ctx=None):
+        grammar = picolm.JsonGrammar(schema)
+        stats = {}
+        text = "".join(self.model.generate(prompt, n, temperature, top_p, seed, stats,
+                                           grammar=grammar))
+        return text, stats
+
+
+class JsonFuzzTest(TinyModelCase):
+
+    def check(self, text, schema, context):
+        try:
+            value = json.loads(text)
+        except ValueError as e:
+            self.fail("%s: %r does not parse: %s" % (context, text, e))
+        self.assertTrue(validate_top(schema, value), "%s: %r" % (context, text))
+
+    def test_fuzz(self):
+        rng = random.Random(4)
+        for run in range(320 * FUZZ):
+            schema = rng.choice(SCHEMAS)
+            prompt = rng.choice(PROMPTS)
+            temperature = rng.choice([0.0, rng.uniform(0.0, 1.5)])
+            top_p = rng.uniform(0.5, 1.0)
+            n = rng.choice([4, 5, 8, rng.randint(4, 40), rng.randint(4, 200)])
+            seed = rng.randrange(1 << 30)
+            context = "run %d: schema %r prompt %r -t %.2f -k %.2f -n %d -s %d" % (
+                run, schema, prompt, temperature, top_p, n, seed)
+            try:
+                text, stats = self.run_json(prompt, n, temperature, top_p, seed, schema)
+            except picolm.PicoError as e:     # the budget cannot hold the shortest value
+                grammar = picolm.JsonGrammar(schema)
+                self.assertGreater(grammar.completion_length(grammar.start), n, context)
+                self.assertIn("--json needs", str(e))
+                continue
+            self.check(text, schema, context)
+            self.assertLessEqual(stats["generated_tokens"], n, context)
+
+    def test_fuzz_pure_python(self):
+        """A few runs on the pure Python forward pass (the above may be accelerated)."""
+        rng = random.Random(5)
+        with picolm.Model(self.path, n_ctx=256, accelerate=False) as model:
+            for run in range(8 * FUZZ):
+                schema = rng.choice(SCHEMAS[:3])
+                n = rng.randint(20, 40)
+                grammar = picolm.JsonGrammar(schema)
+                text = "".join(model.generate(rng.choice(PROMPTS), n, rng.uniform(0, 1.5),
+                                              rng.uniform(0.5, 1.0), run, grammar=grammar))
+                self.check(text, schema, "pure run %d" % run)
+
+    def test_n8_gives_complete_object(self):
+        for seed in range(20):
+            text, _ = self.run_json("Once upon a time", 8, 1.5, 1.0, seed, None)
+            self.assertIsInstance(json.loads(text), dict)
+
+    def test_context_bounds_the_value(self):
+        """A prompt that leaves few positions: the value still closes in time."""
+        prompt = self.model.tokenize("a " * 400)[:250]
+        for seed in range(10):
+            text, stats = self.run_json(prompt, 200, 1.2, 1.0, seed, None)
+            self.assertIsInstance(json.loads(text), dict)
+
+    def test_greedy_is_reproducible_and_unconstrained_unchanged(self):
+        a = self.run_json("hello", 30, 0.0, 0.9, 1, None)[0]
+        b = self.run_json("hello", 30, 0.0, 0.9, 1, None)[0]
+        self.assertEqual(a, b)
+        plain1 = "".join(self.model.generate("hello", 20, 0.7, 0.9, 3))
+        plain2 = "".join(self.model.generate("hello", 20, 0.7, 0.9, 3, grammar=None))
+        self.assertEqual(plain1, plain2)
+
+
+class JsonCliTest(TinyModelCase):
+
+    def cli(self, *args, stdin="Give me JSON"):
+        return subprocess.run([sys.executable, PICOLM, self.path, "-c", "256"] + list(args),
+                              input=stdin.encode(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=120)
+
+    def schema_file(self, schema, raw=None):
+        path = os.path.join(self.tmp.name, "schema%d.json" % random.randrange(1 << 30))
+        with open(path, "w") as f:
+            f.write(raw if raw is not None else json.dumps(schema))
+        return path
+
+    def test_cli_runs(self):
+        for args, schema in [(["--json", "-n", "8", "-t", "1.5", "-s", "3"], None),
+                             (["--json", "-n", "60", "-t", "0"], None),
+                             (["-n", "50", "-t", "1.0", "-k", "0.7"], SCHEMAS[1]),
+                             (["-n", "30", "-t", "0.9", "-s", "9"], SCHEMAS[2])]:
+            if schema is not None:
+                args = args + ["--json-schema", self.schema_file(schema)]
+            r = self.cli(*args)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            out = r.stdout.decode("utf-8")
+            self.assertTrue(out.endswith("\n") and not out.endswith("\n\n") or out == "\n")
+            value = json.loads(out)
+            self.assertTrue(validate_top(schema, value), out)
+
+    def test_cli_errors(self):
+        r = self.cli("--json", "-n", "1")
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.stdout, b"")
+        self.assertIn(b"--json needs at least 2 tokens", r.stderr)
+        path = self.schema_file({"type": "string", "pattern": "a+"})
+        r = self.cli("--json-schema", path)
+        self.assertEqual(r.returncode, 2)
+        self.assertEqual(r.stdout, b"")
+        self.assertTrue(r.stderr.decode().startswith(
+            "picolm: error: %s: unsupported keyword 'pattern'" % path), r.stderr)
+        self.assertEqual(r.stderr.count(b"\n"), 1)
+        for bad in (self.schema_file(None, raw="{not json"),
+                    os.path.join(self.tmp.name, "absent.json"),
+                    self.schema_file({"type": "object", "required": 3})):
+            r = self.cli("--json-schema", bad)
+            self.assertEqual(r.returncode, 2, r.stderr)
+            self.assertEqual(r.stdout, b"")
+            self.assertTrue(r.stderr.startswith(b"picolm: error: " + bad.encode() + b": "),
+                            r.stderr)
+            self.assertEqual(r.stderr.count(b"\n"), 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
