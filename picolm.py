@@ -1208,6 +1208,44 @@ class StreamDecoder:
         return text
 
 
+def _merge_pairs(symbols, priority):
+    """Merges adjacent symbols, always the pair with the lowest priority(left, right)
+    first (leftmost on ties; None = not mergeable), until no pair can merge: the
+    queue both llama.cpp tokenizers use. Returns the merged symbols."""
+    n = len(symbols)
+    if n < 2:
+        return [symbol for symbol in symbols if symbol]
+    next_ = list(range(1, n + 1))
+    next_[-1] = -1
+    prev = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        key = priority(symbols[i], symbols[i + 1])
+        if key is not None:
+            heap.append((key, i, i + 1, len(symbols[i]) + len(symbols[i + 1])))
+    heapq.heapify(heap)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        left_text, right_text = symbols[left], symbols[right]
+        # Skip pairs outdated by an earlier merge: a symbol only grows,
+        # or empties when merged into its left neighbour.
+        if not left_text or not right_text or len(left_text) + len(right_text) != size:
+            continue
+        symbols[left] = left_text + right_text
+        symbols[right] = ""
+        after = next_[right]
+        next_[left] = after
+        if after != -1:
+            prev[after] = left
+        before = prev[left]
+        for a, b in ((before, left), (left, after)):
+            if a != -1 and b != -1:
+                key = priority(symbols[a], symbols[b])
+                if key is not None:
+                    heapq.heappush(heap, (key, a, b, len(symbols[a]) + len(symbols[b])))
+    return [symbol for symbol in symbols if symbol]
+
+
 # The vocabulary arrays and the Python types their elements may have.
 _TOKENIZER_ARRAYS = (("tokenizer.ggml.tokens", (str,)), ("tokenizer.ggml.token_type", (int,)),
                      ("tokenizer.ggml.scores", (float, int)), ("tokenizer.ggml.merges", (str,)))
@@ -1575,80 +1613,19 @@ class Tokenizer:
 
     def _bpe_merge(self, symbols):
         ranks = self._merge_rank
-        n = len(symbols)
-        next_ = list(range(1, n + 1))
-        next_[-1] = -1
-        prev = list(range(-1, n - 1))
-        heap = []
-        for i in range(n - 1):
-            rank = ranks.get(symbols[i] + " " + symbols[i + 1])
-            if rank is not None:
-                heap.append((rank, i, i + 1,
-                             len(symbols[i]) + len(symbols[i + 1])))
-        heapq.heapify(heap)
-        while heap:
-            _, left, right, size = heapq.heappop(heap)
-            left_text, right_text = symbols[left], symbols[right]
-            # Skip pairs outdated by an earlier merge: a symbol only grows,
-            # or empties when merged into its left neighbour.
-            if (not left_text or not right_text
-                    or len(left_text) + len(right_text) != size):
-                continue
-            symbols[left] = left_text + right_text
-            symbols[right] = ""
-            after = next_[right]
-            next_[left] = after
-            if after != -1:
-                prev[after] = left
-            before = prev[left]
-            for a, b in ((before, left), (left, after)):
-                if a != -1 and b != -1:
-                    rank = ranks.get(symbols[a] + " " + symbols[b])
-                    if rank is not None:
-                        heapq.heappush(heap, (rank, a, b, len(symbols[a])
-                                              + len(symbols[b])))
-        return [s for s in symbols if s]
+        return _merge_pairs(symbols, lambda left, right: ranks.get(left + " " + right))
 
     def _encode_spm_fragment(self, text, out):
         """SentencePiece BPE over characters: merge the adjacent pair whose
         concatenation is the highest-scoring token (leftmost on ties)."""
         token_to_id = self._token_to_id
         scores = self._scores
-        symbols = list(text)
-        n = len(symbols)
-        next_ = list(range(1, n + 1))
-        next_[-1] = -1
-        prev = list(range(-1, n - 1))
-        heap = []
-        for i in range(n - 1):
-            token_id = token_to_id.get(symbols[i] + symbols[i + 1])
-            if token_id is not None:
-                heap.append((-scores[token_id], i, i + 1,
-                             len(symbols[i]) + len(symbols[i + 1])))
-        heapq.heapify(heap)
-        while heap:
-            _, left, right, size = heapq.heappop(heap)
-            left_text, right_text = symbols[left], symbols[right]
-            if (not left_text or not right_text
-                    or len(left_text) + len(right_text) != size):
-                continue
-            symbols[left] = left_text + right_text
-            symbols[right] = ""
-            after = next_[right]
-            next_[left] = after
-            if after != -1:
-                prev[after] = left
-            before = prev[left]
-            for a, b in ((before, left), (left, after)):
-                if a != -1 and b != -1:
-                    merged = symbols[a] + symbols[b]
-                    token_id = token_to_id.get(merged)
-                    if token_id is not None:
-                        heapq.heappush(heap, (-scores[token_id], a, b,
-                                              len(merged)))
-        for symbol in symbols:
-            if not symbol:
-                continue
+
+        def priority(left, right):
+            token_id = token_to_id.get(left + right)
+            return None if token_id is None else -scores[token_id]
+
+        for symbol in _merge_pairs(list(text), priority):
             token_id = token_to_id.get(symbol)
             if token_id is not None:
                 out.append(token_id)
@@ -2981,14 +2958,16 @@ class KVCache:
             self.buf.close()
 
 
-HALF_MAX = 65504.0
+HALF_OVERFLOW = 65520.0  # the smallest magnitude that FP16 rounding turns into inf
 
 
 def to_half_range(vec):
-    """FP16 holds at most 65504; like a hardware conversion, larger values become inf."""
-    if max(vec) <= HALF_MAX and min(vec) >= -HALF_MAX:
+    """Like a hardware conversion, magnitudes from 65520 up become inf (struct refuses
+    them); anything smaller rounds to at most 65504."""
+    if max(vec) < HALF_OVERFLOW and min(vec) > -HALF_OVERFLOW:
         return vec
-    return [v if -HALF_MAX <= v <= HALF_MAX else math.copysign(math.inf, v) for v in vec]
+    return [v if -HALF_OVERFLOW < v < HALF_OVERFLOW else math.copysign(math.inf, v)
+            for v in vec]
 
 
 ATTENTION_CHUNK = 64
@@ -3892,6 +3871,7 @@ def report(model, stats, memory):
 
 
 def main(argv=None):
+    release_free_memory()  # the compiler's scratch for this file, before the model fills the heap
     args = parse_args(argv)
     path = args.model
     try:

@@ -883,7 +883,7 @@ static inline __attribute__((always_inline)) void dotq4(const int type, const in
 }
 /* one row . eight tokens, one lane per token: the block is unpacked once, the integer sums
  * reduced across lanes, and the scales of eight tokens applied in one multiply */
-static inline __attribute__((always_inline)) void dotq8(const int type, const int bb, const int has_m,
+static inline __attribute__((always_inline)) void dotq8tok(const int type, const int bb, const int has_m,
                                                         const uint8_t *w, int64_t nb, const act_t *a, int t0,
                                                         float *out) {
     const int64_t n = a->n;
@@ -1081,7 +1081,7 @@ static void dot_qa(int type, const uint8_t *w, const act_t *a, int t0, int nt, f
     }
 #define PK_KERNEL(T, BB, HAS_M)                                                               \
     case T:                                                                                   \
-        for (; nt >= 8; nt -= 8, t0 += 8, out += 8) dotq8(T, BB, HAS_M, w, nb, a, t0, out);    \
+        for (; nt >= 8; nt -= 8, t0 += 8, out += 8) dotq8tok(T, BB, HAS_M, w, nb, a, t0, out); \
         for (; nt >= 4; nt -= 4, t0 += 4, out += 4) dotq4(T, BB, w, nb, a, t0, out);           \
         for (; nt > 0; nt--, t0++, out++)                                                     \
             *out = dotq1(T, BB, HAS_M, w, nb, a->q + t0 * n, a->d + t0 * nb, a->s + t0 * nb); \
@@ -1738,7 +1738,7 @@ PK_EXPORT pk_model *pk_model_new(const char *path, const int64_t *hp, int n_hp, 
 }
 
 /* on = 1: matmuls keep the activations in float (slower, ~1e-7 relative error per dot);
- * on = 0 (the default): activations are quantized to 8-bit blocks for the integer kernels */
+ * on = 0 (the default): activations are quantized to 16-bit blocks for the integer kernels */
 PK_EXPORT void pk_model_set_float_activations(pk_model *m, int on) {
     if (m) m->float_acts = on != 0;
 }

@@ -2,9 +2,10 @@
 
 Every kernel is checked against ggml's own numbers in tests/data/quant-zoo.gguf:
 dequantization bit for bit, the float-activation dot within 1e-5 of |row|*|x|, and the
-8-bit-activation dot within its stated bound. The library is built if a compiler exists
-(the native build, plus the --portable and the plain-C builds into a temporary folder so
-the fallbacks are tested too); the tests skip, saying so, only when there is no compiler.
+dot with activations quantized to 16-bit blocks within its stated bound (see qa_bound).
+The library is built if a compiler exists (the native build, plus the --portable and the
+plain-C builds into a temporary folder so the fallbacks are tested too); the tests skip,
+saying so, only when there is no compiler.
 The model tests (greedy tokens and perplexity against llama.cpp) skip when the model file
 is absent (tools/get_model.py fetches it).
 """

@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
 """Measures picolm on one model: prefill and generation speed, time to first token, memory.
 
-    python3 tools/bench.py [MODEL] [--threads 1,2] [--prompt-tokens 128] [--gen-tokens 64]
+    python3 tools/bench.py [MODEL] [--configs pure-1,pure-2,accel-1,accel-2]
+                           [--prompt-tokens 128] [--gen-tokens 64] [--llama-python PY]
 
-Each configuration runs in a fresh process (so its peak RssAnon is its own) and the
-figures of one run are printed as a table, as ratios, and as JSON. Prefill is timed on a
+A configuration is a backend and a thread count: `pure` (the standard-library path, -j N
+worker processes), `accel` (the C accelerator, N threads) or `llama` (llama.cpp through
+llama-cpp-python, run by the interpreter given with --llama-python, e.g. that of a
+throw-away virtual environment: it is never a dependency of picolm). Each configuration
+runs in a fresh process, so its peak RssAnon is its own; the figures of one run are printed
+as a table, as ratios against the first configuration, and as JSON. Prefill is timed on a
 prompt of exactly --prompt-tokens tokens (cut from the GPL text in tests/data); generation
 is greedy, --gen-tokens tokens, and its rate counts the tokens after the first.
 """
@@ -24,17 +29,30 @@ import picolm  # noqa: E402  (after the path is set)
 TEXT = os.path.join(ROOT, "tests", "data", "ppl-text.txt")
 
 
-def measure(model_path, threads, prompt_tokens, gen_tokens):
+def prompt_ids(tokenize, n):
+    with open(TEXT, encoding="utf-8") as f:
+        return tokenize(f.read())[:n]
+
+
+def measure(model_path, backend, threads, prompt_tokens, gen_tokens):
     """One configuration, in this process; returns a dict of figures."""
+    if backend == "llama":
+        return measure_llama(model_path, threads, prompt_tokens, gen_tokens)
     watch = picolm.MemoryWatch()
     start = time.perf_counter()
-    with picolm.Model(model_path, n_ctx=prompt_tokens + gen_tokens + 8,
-                      threads=threads) as model:
+    with picolm.Model(model_path, n_ctx=prompt_tokens + gen_tokens + 8, threads=threads,
+                      accelerate=backend == "accel") as model:
+        if (model.accel is not None) != (backend == "accel"):
+            raise SystemExit("bench: %s asked for, got %s" % (backend, model.backend))
         load_seconds = time.perf_counter() - start
-        with open(TEXT, encoding="utf-8") as f:
-            ids = model.tokenize(f.read())[:prompt_tokens]
-        stats = {}
+        ids = prompt_ids(model.tokenize, prompt_tokens)
         sampler = picolm.Sampler(temperature=0.0)
+        handoff_us = None
+        if isinstance(model.matmul, picolm.ParallelMatmul):
+            t = time.perf_counter()
+            for _ in range(200):
+                model.matmul.ping()
+            handoff_us = (time.perf_counter() - t) / 200 * 1e6
         t0 = time.perf_counter()
         logits = model.eval(ids)
         prefill = time.perf_counter() - t0
@@ -48,53 +66,98 @@ def measure(model_path, threads, prompt_tokens, gen_tokens):
             watch.sample()
         generation = time.perf_counter() - t1
         worker_rss = 0
-        if threads > 1:
-            worker_rss = sum(picolm.rss_anon_bytes(w.pid) or 0
-                             for w in model.matmul.workers)
-        stats.update(
-            threads=threads, load_s=round(load_seconds, 3),
-            prefill_tok_s=round(len(ids) / prefill, 3),
-            generation_tok_s=round((gen_tokens - 1) / generation, 3) if gen_tokens > 1 else None,
-            time_to_first_token_s=round(first_token, 3),
-            peak_rss_anon_mb=round(watch.peak / 2**20, 1),
-            workers_rss_anon_mb=round(worker_rss / 2**20, 1),
-            prompt_tokens=len(ids), gen_tokens=gen_tokens)
-    return stats
+        if isinstance(model.matmul, picolm.ParallelMatmul):
+            worker_rss = sum(picolm.rss_anon_bytes(w.pid) or 0 for w in model.matmul.workers)
+    return figures(backend, threads, load_seconds, len(ids), prefill, first_token,
+                   gen_tokens, generation, watch.peak, worker_rss, handoff_us)
+
+
+def measure_llama(model_path, threads, prompt_tokens, gen_tokens):
+    from llama_cpp import Llama  # only in the interpreter given with --llama-python
+    watch = picolm.MemoryWatch()
+    start = time.perf_counter()
+    llm = Llama(model_path, n_ctx=prompt_tokens + gen_tokens + 8, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    load_seconds = time.perf_counter() - start
+    ids = prompt_ids(lambda text: llm.tokenize(text.encode(), add_bos=False), prompt_tokens)
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill = time.perf_counter() - t0
+    watch.sample()
+    logits = llm.scores[llm.n_tokens - 1]
+    token = int(logits.argmax())
+    first_token = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for _ in range(gen_tokens - 1):
+        llm.eval([token])
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        watch.sample()
+    generation = time.perf_counter() - t1
+    return figures("llama", threads, load_seconds, len(ids), prefill, first_token,
+                   gen_tokens, generation, watch.peak, 0, None)
+
+
+def figures(backend, threads, load_s, n_prompt, prefill, first_token, gen_tokens,
+            generation, peak_rss, worker_rss, handoff_us):
+    return dict(
+        config="%s -j %d" % (backend, threads), load_s=round(load_s, 3),
+        prefill_tok_s=round(n_prompt / prefill, 3),
+        generation_tok_s=round((gen_tokens - 1) / generation, 3) if gen_tokens > 1 else None,
+        time_to_first_token_s=round(first_token, 3),
+        peak_rss_anon_mb=round(peak_rss / 2**20, 1),
+        workers_rss_anon_mb=round(worker_rss / 2**20, 1),
+        handoff_us=round(handoff_us, 1) if handoff_us is not None else None,
+        prompt_tokens=n_prompt, gen_tokens=gen_tokens)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?",
                         default=os.path.join(ROOT, picolm.DEFAULT_MODEL))
-    parser.add_argument("--threads", default="1,2", help="comma-separated -j values")
+    parser.add_argument("--configs", default="pure-1,pure-2,accel-1,accel-2",
+                        help="comma-separated BACKEND-THREADS (backends: pure, accel, llama)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child: one config
+    parser.add_argument("--llama-python", help="a Python that can import llama_cpp")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child: one configuration
     args = parser.parse_args()
     if args.one is not None:
-        print(json.dumps(measure(args.model, args.one, args.prompt_tokens, args.gen_tokens)))
+        backend, threads = args.one.rsplit("-", 1)
+        print(json.dumps(measure(args.model, backend, int(threads), args.prompt_tokens,
+                                 args.gen_tokens)))
         return
     rows = []
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for config in args.configs.split(","):
+        python = sys.executable
+        if config.startswith("llama"):
+            if not args.llama_python:
+                print("bench: skipping %s (no --llama-python)" % config, file=sys.stderr)
+                continue
+            python = args.llama_python
         out = subprocess.check_output([
-            sys.executable, os.path.abspath(__file__), args.model, "--one", str(threads),
+            python, os.path.abspath(__file__), args.model, "--one", config,
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)])
         rows.append(json.loads(out.decode().strip().splitlines()[-1]))
-        print("measured -j %d" % threads, file=sys.stderr, flush=True)
+        print("bench: measured %s" % config, file=sys.stderr, flush=True)
     header = ("config", "prefill tok/s", "gen tok/s", "first token s", "RssAnon MB",
-              "workers MB")
-    print("model: %s, Python %s" % (os.path.basename(args.model), sys.version.split()[0]))
+              "workers MB", "hand-off us")
+    print("model: %s, Python %s, %d-token prompt, %d generated" % (
+        os.path.basename(args.model), sys.version.split()[0], args.prompt_tokens,
+        args.gen_tokens))
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print("| pure -j %d | %s | %s | %s | %s | %s |" % (
-            r["threads"], r["prefill_tok_s"], r["generation_tok_s"],
-            r["time_to_first_token_s"], r["peak_rss_anon_mb"], r["workers_rss_anon_mb"]))
-    base = rows[0]
-    for r in rows[1:]:
-        print("ratio -j %d / -j %d: prefill %.2fx, generation %.2fx" % (
-            r["threads"], base["threads"], r["prefill_tok_s"] / base["prefill_tok_s"],
-            (r["generation_tok_s"] or 0) / (base["generation_tok_s"] or 1)))
+        print("| %s | %s | %s | %s | %s | %s | %s |" % (
+            r["config"], r["prefill_tok_s"], r["generation_tok_s"],
+            r["time_to_first_token_s"], r["peak_rss_anon_mb"], r["workers_rss_anon_mb"],
+            r["handoff_us"] if r["handoff_us"] is not None else "-"))
+    by_config = {r["config"]: r for r in rows}
+    for a, b in (("pure -j 2", "pure -j 1"), ("accel -j 2", "pure -j 2"),
+                 ("accel -j 2", "llama -j 2"), ("accel -j 1", "llama -j 1")):
+        if a in by_config and b in by_config:
+            print("ratio %s / %s: prefill %.2fx, generation %.2fx" % (
+                a, b, by_config[a]["prefill_tok_s"] / by_config[b]["prefill_tok_s"],
+                (by_config[a]["generation_tok_s"] or 0) / (by_config[b]["generation_tok_s"] or 1)))
     print(json.dumps({"model": os.path.basename(args.model), "python": sys.version.split()[0],
                       "runs": rows}, indent=1))
 
