@@ -140,7 +140,7 @@ class SmolLM2Fidelity(unittest.TestCase):
 
     @unittest.expectedFailure
     def test_cli_peak_memory(self):
-        """NOT MET YET on the pure path: it peaks at 40.2-42.8 MB (measured 2026-11-26),
+        """NOT MET YET on the pure path: it peaks at 40.2-43.3 MB (measured 2026-11-26),
         of which the vocabulary's strings and dicts take about 12 MB and the interpreter
         with this file's code about 17 MB. Kept as an expected failure so that the day it
         fits, this test reports an unexpected success and the marker must go."""
