@@ -3,6 +3,7 @@
 
     python3 tools/bench.py [MODEL] [--configs pure-1,pure-2,accel-1,accel-2]
                            [--prompt-tokens 128] [--gen-tokens 64] [--llama-python PY]
+    python3 tools/bench.py [MODEL] --agent accel-2     # --json and --cache costs
 
 A configuration is a backend and a thread count: `pure` (the standard-library path, -j N
 worker processes), `accel` (the C accelerator, N threads) or `llama` (llama.cpp through
@@ -72,6 +73,42 @@ def measure(model_path, backend, threads, prompt_tokens, gen_tokens):
                    gen_tokens, generation, watch.peak, worker_rss, handoff_us)
 
 
+def measure_agent(model_path, backend, threads, gen_tokens):
+    """What an agent pays: generation with and without --json, and time to first token
+    with a cold and a warm --cache for a ~300-token system prompt plus a short question."""
+    import tempfile
+    with picolm.Model(model_path, n_ctx=1024, threads=threads,
+                      accelerate=backend == "accel") as model:
+        with open(TEXT, encoding="utf-8") as f:
+            system = model.detokenize(model.tokenize(f.read())[:300])
+        prompt = ("<|im_start|>system\n%s<|im_end|>\n<|im_start|>user\nGive the name and "
+                  "year of this licence as JSON.<|im_end|>\n<|im_start|>assistant\n" % system)
+        rates = {}
+        for label, grammar in (("plain", None), ("json", picolm.JsonGrammar())):
+            stats = {}
+            for _ in model.generate(prompt, max_tokens=gen_tokens, temperature=0.0,
+                                    stats=stats, grammar=grammar):
+                pass
+            rates[label] = (max(0, stats["generated_tokens"] - 1)
+                            / max(stats["generation_seconds"], 1e-9))
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = os.path.join(tmp, "prompt.kv")
+            first = {}
+            for label in ("cold", "warm"):
+                stats = {}
+                for _ in model.generate(prompt, max_tokens=2, temperature=0.0,
+                                        stats=stats, cache=cache):
+                    pass
+                first[label] = stats["first_token_seconds"]
+    return dict(config="%s -j %d agent" % (backend, threads),
+                generation_tok_s=round(rates["plain"], 3),
+                json_generation_tok_s=round(rates["json"], 3),
+                json_ratio=round(rates["json"] / rates["plain"], 3),
+                cold_first_token_s=round(first["cold"], 3),
+                warm_first_token_s=round(first["warm"], 3),
+                prefill_skipped=round(1 - first["warm"] / first["cold"], 3))
+
+
 def measure_llama(model_path, threads, prompt_tokens, gen_tokens):
     from llama_cpp import Llama  # only in the interpreter given with --llama-python
     watch = picolm.MemoryWatch()
@@ -119,8 +156,15 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--llama-python", help="a Python that can import llama_cpp")
+    parser.add_argument("--agent", metavar="BACKEND-THREADS",
+                        help="instead: --json and --cache costs for one configuration")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: one configuration
     args = parser.parse_args()
+    if args.agent is not None:
+        backend, threads = args.agent.rsplit("-", 1)
+        print(json.dumps(measure_agent(args.model, backend, int(threads), args.gen_tokens),
+                         indent=1))
+        return
     if args.one is not None:
         backend, threads = args.one.rsplit("-", 1)
         print(json.dumps(measure(args.model, backend, int(threads), args.prompt_tokens,
