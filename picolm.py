@@ -3587,23 +3587,26 @@ class Sampler:
         self.temperature, self.top_p = temperature, top_p
         self.rng = random.Random(seed)
 
-    def sample(self, logits):
-        if self.temperature <= 0.0:
-            return max(range(len(logits)), key=logits.__getitem__)
-        top = max(logits)
+    def sample(self, logits, allowed=None):
+        """A token id drawn from `logits`; `allowed` (ids) masks out every other token."""
+        ids = range(len(logits)) if allowed is None else sorted(allowed)
+        values = logits if allowed is None else [logits[i] for i in ids]
+        if self.temperature <= 0.0:  # the first of equal maxima, as llama.cpp picks
+            return ids[max(range(len(values)), key=values.__getitem__)]
+        top = max(values)
         inv_t = 1.0 / self.temperature
-        weights = [math.exp((v - top) * inv_t) for v in logits]
+        weights = [math.exp((v - top) * inv_t) for v in values]
         total = math.fsum(weights)
         if self.top_p < 1.0:
-            return self.sample_nucleus(weights, total)
-        return self.pick(enumerate(weights), total)
+            return self.sample_nucleus(ids, weights, total)
+        return self.pick(zip(ids, weights), total)
 
-    def sample_nucleus(self, weights, total):
+    def sample_nucleus(self, ids, weights, total):
         """Top-p without sorting the vocabulary: a token whose probability is below
         (1 - p) / (n - 1) can never be in the nucleus (the rest could not sum to p
         without it), so only the few above that line are sorted."""
         cutoff = (1.0 - self.top_p) / max(1, len(weights) - 1) * total
-        candidates = sorted(((w, i) for i, w in enumerate(weights) if w >= cutoff),
+        candidates = sorted(((w, i) for i, w in zip(ids, weights) if w >= cutoff),
                             reverse=True)
         nucleus, mass = [], 0.0
         for w, i in candidates:
@@ -3623,29 +3626,6 @@ class Sampler:
             if r < 0.0:
                 return index
         return last
-
-    def sample_among(self, logits, allowed):
-        """Like sample, with every token outside `allowed` (a non-empty collection of
-        ids) masked out: argmax among them, or softmax/top-p restricted to them."""
-        allowed = sorted(allowed)
-        if self.temperature <= 0.0:
-            return max(allowed, key=logits.__getitem__)
-        top = max(logits[i] for i in allowed)
-        inv_t = 1.0 / self.temperature
-        weights = [math.exp((logits[i] - top) * inv_t) for i in allowed]
-        total = math.fsum(weights)
-        if self.top_p < 1.0:
-            cutoff = (1.0 - self.top_p) / max(1, len(weights) - 1) * total
-            candidates = sorted(((w, i) for i, w in zip(allowed, weights) if w >= cutoff),
-                                reverse=True)
-            nucleus, mass = [], 0.0
-            for w, i in candidates:
-                nucleus.append((i, w))
-                mass += w
-                if mass >= self.top_p * total:
-                    break
-            return self.pick(nucleus, mass)
-        return self.pick(zip(allowed, weights), total)
 
 
 # ----------------------------------------------------------------------------
@@ -3690,7 +3670,7 @@ class JsonConstraint:
             allowed.extend(self.tokenizer.eog_ids)
         if not allowed:
             raise PicoError("--json: no token of the vocabulary can continue the value")
-        token = sampler.sample_among(logits, allowed)
+        token = sampler.sample(logits, allowed)
         if token not in self.tokenizer.eog_ids:
             self.state = self.check(token, budget)
         return token
