@@ -492,6 +492,17 @@ PK_EXPORT int pk_dequantize(int type, const void *src, float *dst, int64_t n) {
 /* ------------------------------------------------------------------------------------ */
 /* Float dot products                                                                    */
 
+#if defined(PK_AVX2)
+/* the sum of a vector's 8 lanes */
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+#endif
+
 static float dot_f32(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
     float sum = 0.0f;
@@ -503,10 +514,7 @@ static float dot_f32(const float *a, const float *b, int64_t n) {
     }
     for (; i + 8 <= n; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), a0);
     a0 = _mm256_add_ps(a0, a1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    sum = _mm_cvtss_f32(s);
+    sum = hsum8(a0);
 #elif defined(PK_SSE2)
     __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps();
     const int64_t n8 = n - n % 8;
@@ -556,10 +564,7 @@ static float dot_f16_f32(const uint8_t *w, const float *x, int64_t n) {
                              _mm256_loadu_ps(x + i + 8), a1);
     }
     a0 = _mm256_add_ps(a0, a1);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    sum = _mm_cvtss_f32(s);
+    sum = hsum8(a0);
 #else
     float buf[64];
     for (; i + 64 <= n; i += 64) {
@@ -580,10 +585,7 @@ static float dot_bf16_f32(const uint8_t *w, const float *x, int64_t n) {
         __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + 2 * i)));
         a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), _mm256_loadu_ps(x + i), a0);
     }
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a0), _mm256_extractf128_ps(a0, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    sum = _mm_cvtss_f32(s);
+    sum = hsum8(a0);
 #else
     float buf[64];
     for (; i + 64 <= n; i += 64) {
@@ -686,13 +688,6 @@ static void quantize_act(const float *x, int64_t n, int16_t *q, float *d, float 
 }
 
 #if defined(PK_AVX2)
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
-}
-
 /* 16-bit lane i = 0x10 where bit i of bits is set */
 static inline __m256i hbits16(uint32_t bits) {
     const __m256i mask = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192,
