@@ -1012,14 +1012,13 @@ PACK_WEIGHT_BITS = 16
 PACK_OFFSET = 1 << (PACK_WEIGHT_BITS - 1)
 _PACK_STORED = 3            # low bytes of a lane that W can occupy
 _ROUND = 1.5 * 2.0 ** 52    # v + _ROUND keeps round(v) in its low mantissa bytes
-_TWO52_BYTES = struct.pack("<d", 2.0 ** 52)   # 2**52 + n has n in its mantissa
 PACK_ROWS = 4096            # rows per column int: keeps a column (20 KB) in cache
 
 
 def packed_bytes(tensor):
     """The RAM PackedRows takes for all of tensor's rows."""
     def chunk(rows):
-        return tensor.n_cols * (sys.getsizeof(1 << (8 * _W * rows - 1)) + 8) + 32 * rows
+        return tensor.n_cols * (sys.getsizeof(1 << (8 * _W * rows - 1)) + 8) + 40 * rows
     full, rest = divmod(tensor.n_rows, PACK_ROWS)
     return full * chunk(PACK_ROWS) + (chunk(rest) if rest else 0)
 
@@ -1044,7 +1043,8 @@ class PackedX:
 
     def __init__(self, x):
         self.x = x
-        l1 = math.fsum(map(abs, x))
+        # a float sum is within len(x) * 2**-53 of the exact L1 norm; 1e-9 covers that
+        l1 = sum(map(abs, x)) * (1.0 + 1e-9)
         # inf or nan cannot be rounded to integers: the streamed path takes them
         self.finite = math.isfinite(l1)
         if self.finite:
@@ -1089,28 +1089,29 @@ class PackedRows:
         column = memoryview(buf)
         cols = [int.from_bytes(column[c * _W * R:(c + 1) * _W * R], "little")
                 for c in range(K)]
-        return cols, [math.ldexp(1.0, -e) for e in exps]
+        # A lane n (bias + dot, under 2**40) read into the mantissa of the double
+        # 2**(52-e) makes 2**(52-e) + n * 2**-e: minus that row's base, the dot
+        # product times 2**-e, with no Python int-to-float conversion per row.
+        doubles = struct.pack("<%dd" % R, *[math.ldexp(1.0, 52 - e) for e in exps])
+        bases = [math.ldexp(2.0 ** 52 + _BIAS, -e) for e in exps]
+        return cols, doubles, bases
 
     def __call__(self, px):
         if self.chunks is None or not px.finite:
             streamed = StreamedRows(self.tensor, self.start, self.end)
             return streamed(streamed.prepare(px.x))
-        y, mul, inv_s = [], operator.mul, 1.0 / px.s
-        for cols, unscale in self.chunks:
-            R = len(unscale)
+        y, mul = [], operator.mul
+        for cols, doubles, bases in self.chunks:
+            R = len(bases)
             acc = sum(map(mul, px.X, cols)) + (_BIAS - PACK_OFFSET * px.sum) * _ones(R)
-            # Each lane (bias + dot, under 2**40) becomes the mantissa of a double
-            # whose exponent bytes make it 2**52 + lane: a float, with no Python
-            # int-to-float conversion per row.
-            doubles = bytearray(_TWO52_BYTES * R)
             raw = acc.to_bytes(_W * R, "little")
+            doubles = bytearray(doubles)
             for k in range(_W):
                 doubles[k::8] = raw[k::_W]
             lanes = array.array("d", doubles)
             if sys.byteorder == "big":
                 lanes.byteswap()
-            y += map(mul, map(operator.sub, lanes, repeat(2.0 ** 52 + _BIAS)),
-                     map(mul, unscale, repeat(inv_s)))
+            y += map(mul, map(operator.sub, lanes, bases), repeat(1.0 / px.s))
         return y
 
 
@@ -3140,13 +3141,11 @@ def rmsnorm(x, weight, eps):
     return [v * scale * w for v, w in zip(x, weight)]
 
 
-def silu(v):
-    """v * sigmoid(v); exp(-v) would overflow below about -709, where silu is 0."""
-    return v / (1.0 + math.exp(-v)) if v > -700.0 else 0.0
-
-
 def swiglu(gate, up):
-    return [silu(g) * u for g, u in zip(gate, up)]
+    """silu(gate) * up, silu(g) = g * sigmoid(g); exp(-g) would overflow below about
+    -709, where silu is 0."""
+    exp = math.exp
+    return [g * u / (1.0 + exp(-g)) if g > -700.0 else 0.0 for g, u in zip(gate, up)]
 
 
 def add_into(x, delta):
@@ -3239,33 +3238,39 @@ def attention(q, kv, layer, n_pos, n_head, n_head_kv, head_dim):
 
     One pass over the cache with an online softmax, a chunk of positions at a time: a
     running maximum m, normaliser l and weighted sum acc per head, rescaled whenever a
-    chunk raises the maximum. Memory is O(chunk), whatever the context length.
+    chunk raises the maximum. Memory is O(chunk), whatever the context length. The query
+    heads that share a key/value head share its slices of the cache.
     """
     keys = kv.rows(layer, 0, n_pos)
     values = kv.rows(layer, 1, n_pos)
     kv_dim, group = kv.kv_dim, n_head // n_head_kv
     scale = 1.0 / math.sqrt(head_dim)
+    mul, exp = operator.mul, math.exp
     out = []
-    for h in range(n_head):
-        kv_off = (h // group) * head_dim
-        qh = [v * scale for v in q[h * head_dim:(h + 1) * head_dim]]
-        m, l, acc = -math.inf, 0.0, [0.0] * head_dim
+    for kv_head in range(n_head_kv):
+        kv_off = kv_head * head_dim
+        heads = range(kv_head * group, (kv_head + 1) * group)
+        qs = [[v * scale for v in q[h * head_dim:(h + 1) * head_dim]] for h in heads]
+        state = [(-math.inf, 0.0, [0.0] * head_dim) for _ in heads]
         for start in range(0, n_pos, ATTENTION_CHUNK):
             stop = min(n_pos, start + ATTENTION_CHUNK)
-            scores = [sum(map(operator.mul, qh, keys[p * kv_dim + kv_off:
-                                                    p * kv_dim + kv_off + head_dim]))
-                      for p in range(start, stop)]
-            m_new = max(m, max(scores))
-            rescale = math.exp(m - m_new)
-            weights = [math.exp(s - m_new) for s in scores]
-            l = l * rescale + math.fsum(weights)
-            # transpose the chunk's value rows so each output dimension is one dot product
-            columns = zip(*[values[p * kv_dim + kv_off:p * kv_dim + kv_off + head_dim]
-                            for p in range(start, stop)])
-            acc = [a * rescale + sum(map(operator.mul, weights, col))
-                   for a, col in zip(acc, columns)]
-            m = m_new
-        out.extend(a / l for a in acc)
+            rows = [keys[p * kv_dim + kv_off:p * kv_dim + kv_off + head_dim]
+                    for p in range(start, stop)]
+            # the chunk's value rows transposed: each output dimension is one dot product
+            columns = list(zip(*[values[p * kv_dim + kv_off:p * kv_dim + kv_off + head_dim]
+                                 for p in range(start, stop)]))
+            for i, qh in enumerate(qs):
+                m, l, acc = state[i]
+                scores = [sum(map(mul, qh, row)) for row in rows]
+                m_new = max(m, max(scores))
+                rescale = exp(m - m_new)
+                weights = [exp(s - m_new) for s in scores]
+                l = l * rescale + math.fsum(weights)
+                acc = [a * rescale + sum(map(mul, weights, col))
+                       for a, col in zip(acc, columns)]
+                state[i] = (m_new, l, acc)
+        for m, l, acc in state:
+            out.extend(a / l for a in acc)
     return out
 
 
@@ -3879,7 +3884,7 @@ class Sampler:
         ids = range(len(logits)) if allowed is None else sorted(allowed)
         values = logits if allowed is None else [logits[i] for i in ids]
         if self.temperature <= 0.0:  # the first of equal maxima, as llama.cpp picks
-            return ids[max(range(len(values)), key=values.__getitem__)]
+            return ids[values.index(max(values))]
         top = max(values)
         inv_t = 1.0 / self.temperature
         weights = [math.exp((v - top) * inv_t) for v in values]

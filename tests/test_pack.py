@@ -10,6 +10,7 @@ stream on a small board. Model-level checks are in test_model_tiny (TestTinyMode
 import math
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -103,7 +104,7 @@ class ZooTest(PackedTest):
         """packed_bytes, which --pack auto relies on, is what the columns take."""
         q = self.zoo.tensors["Q4_0.q"]
         rows = picolm.PackedRows(q, 0, q.n_rows)
-        taken = sum(sys.getsizeof(c) + 8 for cols, _ in rows.chunks for c in cols)
+        taken = sum(sys.getsizeof(c) + 8 for cols, _, _ in rows.chunks for c in cols)
         self.assertLess(abs(picolm.packed_bytes(q) - taken), 0.1 * taken)
 
 
@@ -217,6 +218,7 @@ class ChoiceTest(unittest.TestCase):
 class CliTest(unittest.TestCase):
     def test_pack_modes_say_what_they_do(self):
         tmp = gw.fast_tmpdir("picolm-test-pack-")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
         path = os.path.join(tmp, "tiny.gguf")
         gw.make_tiny_llama(path, "Q4_0")
         for mode, said in (("on", "weights packed into RAM"),

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Measures picolm on one model: prefill and generation speed, time to first token, memory.
 
-    python3 tools/bench.py [MODEL] [--configs pure-1,pure-2,accel-1,accel-2]
+    python3 tools/bench.py [MODEL] [--configs packed-1,packed-2,accel-1,accel-2]
                            [--prompt-tokens 128] [--gen-tokens 64] [--llama-python PY]
     python3 tools/bench.py [MODEL] --agent accel-2     # --json and --cache costs
 
-A configuration is a backend and a thread count: `pure` (the standard-library path, -j N
-worker processes), `accel` (the C accelerator, N threads) or `llama` (llama.cpp through
+A configuration is a backend and a thread count: `pure` (the standard-library path
+streaming its weights from the map, -j N worker processes), `packed` (the same with the
+weights packed into big-integer columns, --pack on), `accel` (the C accelerator, N
+threads) or `llama` (llama.cpp through
 llama-cpp-python, run by the interpreter given with --llama-python, e.g. that of a
 throw-away virtual environment: it is never a dependency of picolm). Each configuration
 runs in a fresh process, so its peak RssAnon is its own; the figures of one run are printed
@@ -42,7 +44,8 @@ def measure(model_path, backend, threads, prompt_tokens, gen_tokens):
     watch = picolm.MemoryWatch()
     start = time.perf_counter()
     with picolm.Model(model_path, n_ctx=prompt_tokens + gen_tokens + 8, threads=threads,
-                      accelerate=backend == "accel") as model:
+                      accelerate=backend == "accel",
+                      pack="on" if backend == "packed" else "off") as model:
         if (model.accel is not None) != (backend == "accel"):
             raise SystemExit("bench: %s asked for, got %s" % (backend, model.backend))
         load_seconds = time.perf_counter() - start
@@ -151,8 +154,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?",
                         default=os.path.join(ROOT, picolm.DEFAULT_MODEL))
-    parser.add_argument("--configs", default="pure-1,pure-2,accel-1,accel-2",
-                        help="comma-separated BACKEND-THREADS (backends: pure, accel, llama)")
+    parser.add_argument("--configs", default="packed-1,packed-2,accel-1,accel-2",
+                        help="comma-separated BACKEND-THREADS (backends: pure, packed, "
+                             "accel, llama)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--llama-python", help="a Python that can import llama_cpp")
@@ -183,21 +187,23 @@ def main():
             "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)])
         rows.append(json.loads(out.decode().strip().splitlines()[-1]))
         print("bench: measured %s" % config, file=sys.stderr, flush=True)
-    header = ("config", "prefill tok/s", "gen tok/s", "first token s", "RssAnon MB",
-              "workers MB", "hand-off us")
+    header = ("config", "load s", "prefill tok/s", "gen tok/s", "first token s",
+              "RssAnon MB", "workers MB", "hand-off us")
     print("model: %s, Python %s, %d-token prompt, %d generated" % (
         os.path.basename(args.model), sys.version.split()[0], args.prompt_tokens,
         args.gen_tokens))
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print("| %s | %s | %s | %s | %s | %s | %s |" % (
-            r["config"], r["prefill_tok_s"], r["generation_tok_s"],
+        print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["config"], r["load_s"], r["prefill_tok_s"], r["generation_tok_s"],
             r["time_to_first_token_s"], r["peak_rss_anon_mb"], r["workers_rss_anon_mb"],
             r["handoff_us"] if r["handoff_us"] is not None else "-"))
     by_config = {r["config"]: r for r in rows}
-    for a, b in (("pure -j 2", "pure -j 1"), ("accel -j 2", "pure -j 2"),
-                 ("accel -j 2", "llama -j 2"), ("accel -j 1", "llama -j 1")):
+    for a, b in (("pure -j 2", "pure -j 1"), ("packed -j 2", "packed -j 1"),
+                 ("packed -j 1", "pure -j 1"), ("packed -j 2", "pure -j 2"),
+                 ("accel -j 2", "packed -j 2"), ("accel -j 2", "llama -j 2"),
+                 ("accel -j 1", "llama -j 1")):
         if a in by_config and b in by_config:
             print("ratio %s / %s: prefill %.2fx, generation %.2fx" % (
                 a, b, by_config[a]["prefill_tok_s"] / by_config[b]["prefill_tok_s"],
