@@ -769,33 +769,33 @@ def _dequantize_array(type_id, data, n):
     """dequantize() as an array('f'): 4 bytes a weight instead of 32."""
     if type_id in _FLOAT_TYPES:
         return array.array("f", _FLOAT_TYPES[type_id](data, n))
-    u, scale, offset, size = _sub_block_terms(type_id, data, n)
+    lanes, scale, offset, size = _decode_blocks(type_id, data, n, 2)
+    fu = array.array("H", lanes)
+    if sys.byteorder == "big":
+        fu.byteswap()
     # w = d*sc * (u - c)  +  dm*mn, as ggml computes it (signed zeros included):
     # the products are exact in float64, the sum is rounded once by array('f').
-    w = map(operator.mul, u, _per_weight(scale, size))
+    w = map(operator.mul, map(_centred(type_id).__getitem__, fu), _per_weight(scale, size))
     if offset is not None:
         w = map(operator.add, w, _per_weight(offset, size))
     return array.array("f", w)
 
 
-def _sub_block_terms(type_id, data, n):
-    """The n weights of a quantized type as w = scale[g] * u + offset[g]:
-    returns (u - c as floats in element order, an iterator; scale and offset
-    (None when absent) per sub-block; weights per sub-block)."""
+def _decode_blocks(type_id, data, n, width):
+    """The n weights of a quantized type as  w = scale[g] * (fu/F - c) + offset[g]:
+    returns (fu in element order as width-byte little-endian lanes; scale and offset
+    (None when absent) per sub-block g; weights per sub-block)."""
     spec = _SPECS[type_id]
     bsize = QUANT_TYPES[type_id].block_size
     nblk, n_sub = n // bsize, spec.n_sub
     dec = spec.decode(bytes(data[:row_bytes(type_id, n)]), nblk)
     # Scatter the planes (logical order) into element order: logical position
     # phase + period*j of every block is plane[j::bsize//period].
-    lanes = [bytearray(n), bytearray(n)]
+    lanes = bytearray(width * n)
     for byte, phase, period, plane in dec.planes:
         stride = bsize // period
         for j in range(stride):
-            lanes[byte][spec.perm[phase + period * j]::bsize] = plane[j::stride]
-    fu = lanes[0]
-    if any(byte for byte, *_ in dec.planes):
-        fu = map(operator.add, fu, map(operator.lshift, lanes[1], repeat(8)))
+            lanes[width * spec.perm[phase + period * j] + byte::width * bsize] = plane[j::stride]
     per_sub = range(nblk * n_sub)
     scale = [dec.d[i // n_sub] * s for i, s in
              zip(per_sub, dec.sc if dec.sc is not None else repeat(1))]
@@ -803,7 +803,7 @@ def _sub_block_terms(type_id, data, n):
     if dec.dm is not None:
         offset = [dec.dm[i // n_sub] * m for i, m in
                   zip(per_sub, dec.mn if dec.mn is not None else repeat(1))]
-    return map(_centred(type_id).__getitem__, fu), scale, offset, bsize // n_sub
+    return lanes, scale, offset, bsize // n_sub
 
 
 def _per_weight(per_sub, size):
@@ -1129,21 +1129,9 @@ def _scaled_blocks(type_id, data, R, K):
     w = (scale/F) * fu + (offset - c*scale), so one big-int multiply-add per
     sub-block computes all its lanes in fixed point, 16 fraction bits."""
     spec = _SPECS[type_id]
-    bsize = QUANT_TYPES[type_id].block_size
-    nblk, n_sub = R * K // bsize, spec.n_sub
-    size = bsize // n_sub
-    dec = spec.decode(bytes(data), nblk)
-    lanes = bytearray(8 * R * K)  # fu in element order, one 8-byte lane each
-    for byte, phase, period, plane in dec.planes:
-        stride = bsize // period
-        for j in range(stride):
-            lanes[8 * spec.perm[phase + period * j] + byte::8 * bsize] = plane[j::stride]
-    per_sub = range(nblk * n_sub)
-    scale = [dec.d[i // n_sub] * s for i, s in
-             zip(per_sub, dec.sc if dec.sc is not None else repeat(1))]
-    offset = ([dec.dm[i // n_sub] * m for i, m in
-               zip(per_sub, dec.mn if dec.mn is not None else repeat(1))]
-              if dec.dm is not None else [0.0] * len(scale))
+    lanes, scale, offset, size = _decode_blocks(type_id, data, R * K, 8)
+    if offset is None:
+        offset = [0.0] * len(scale)
     # |w| in a sub-block is largest at one end of u's range
     top = spec.qmax / spec.F
     sub_bounds = [max(abs(b), abs(a * top + b)) for a, b in zip(scale, offset)]
