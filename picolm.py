@@ -1089,30 +1089,39 @@ class PackedRows:
         column = memoryview(buf)
         cols = [int.from_bytes(column[c * _W * R:(c + 1) * _W * R], "little")
                 for c in range(K)]
-        # A lane n (bias + dot, under 2**40) read into the mantissa of the double
-        # 2**(52-e) makes 2**(52-e) + n * 2**-e: minus that row's base, the dot
-        # product times 2**-e, with no Python int-to-float conversion per row.
-        doubles = struct.pack("<%dd" % R, *[math.ldexp(1.0, 52 - e) for e in exps])
-        bases = [math.ldexp(2.0 ** 52 + _BIAS, -e) for e in exps]
-        return cols, doubles, bases
+        return (cols,) + lane_reader(exps)
 
     def __call__(self, px):
         if self.chunks is None or not px.finite:
             streamed = StreamedRows(self.tensor, self.start, self.end)
             return streamed(streamed.prepare(px.x))
-        y, mul = [], operator.mul
+        y = []
         for cols, doubles, bases in self.chunks:
-            R = len(bases)
-            acc = sum(map(mul, px.X, cols)) + (_BIAS - PACK_OFFSET * px.sum) * _ones(R)
-            raw = acc.to_bytes(_W * R, "little")
-            doubles = bytearray(doubles)
-            for k in range(_W):
-                doubles[k::8] = raw[k::_W]
-            lanes = array.array("d", doubles)
-            if sys.byteorder == "big":
-                lanes.byteswap()
-            y += map(mul, map(operator.sub, lanes, bases), repeat(1.0 / px.s))
+            y += packed_dots(px, cols, doubles, bases, 1.0 / px.s)
         return y
+
+
+def packed_dots(px, cols, doubles, bases, factor):
+    """sum over c of x[c] * column[c], lane by lane, as floats times factor: lane r
+    holds n = _BIAS + dot and is read into the mantissa of doubles[r], 2**(52-e)
+    for a row scaled by 2**e, making 2**(52-e) + n * 2**-e; less bases[r], that is
+    the dot product times 2**-e, with no Python int-to-float conversion per lane."""
+    R = len(bases)
+    acc = sum(map(operator.mul, px.X, cols)) + (_BIAS - PACK_OFFSET * px.sum) * _ones(R)
+    raw = acc.to_bytes(_W * R, "little")
+    doubles = bytearray(doubles)
+    for k in range(_W):
+        doubles[k::8] = raw[k::_W]
+    lanes = array.array("d", doubles)
+    if sys.byteorder == "big":
+        lanes.byteswap()
+    return map(operator.mul, map(operator.sub, lanes, bases), repeat(factor))
+
+
+def lane_reader(exps):
+    """(doubles, bases) for packed_dots, for lanes scaled by 2**e each."""
+    return (struct.pack("<%dd" % len(exps), *[math.ldexp(1.0, 52 - e) for e in exps]),
+            [math.ldexp(2.0 ** 52 + _BIAS, -e) for e in exps])
 
 
 def _row_exponents(bounds):
@@ -1195,6 +1204,108 @@ def multiply_group(kernels, x):
             prepared[kernel.prep_key] = kernel.prepare(x)
         out.append(kernel(prepared[kernel.prep_key]))
     return out
+
+
+class PackedAttention:
+    """Attention over the KV cache kept again as packed integers, for the pure path's
+    --pack: the same arithmetic as the packed matrices, with a lane per position.
+
+    Per layer and key/value head, the keys are one int per dimension with a lane per
+    position, so every position's score comes out of head_dim big-int multiply-adds;
+    the values are one int per position with a lane per dimension, so the weighted sum
+    is one multiply-add per position. Each position's key row and value row is scaled
+    by its own power of two (as a packed matrix's rows are), and holds the FP16-rounded
+    values of the KV cache, from which it is rebuilt whenever positions are rewound.
+    """
+
+    def __init__(self, n_layer, n_head, n_head_kv, head_dim):
+        self.n_head_kv, self.group, self.head_dim = n_head_kv, n_head // n_head_kv, head_dim
+        self.layers = [None] * n_layer
+        self.clear()
+
+    def clear(self):
+        """Forgets every position (after the KV cache was reset or reloaded)."""
+        self.layers = [[_PackedHeadCache(self.head_dim) for _ in range(self.n_head_kv)]
+                       for _ in self.layers]
+        self.usable = True
+
+    def step(self, kv, layer, pos, q):
+        """Attention of q at pos over positions 0..pos of layer, taking the positions it
+        does not hold yet from the KV cache; None where integers cannot hold a key,
+        value or query (inf or nan), and the caller uses attention() instead."""
+        heads = self.layers[layer]
+        if heads[0].n > pos:
+            heads = self.layers[layer] = [_PackedHeadCache(self.head_dim)
+                                          for _ in range(self.n_head_kv)]
+        hd, scale = self.head_dim, 1.0 / math.sqrt(self.head_dim)
+        for p in range(heads[0].n, pos + 1):
+            key, value = kv.row(layer, 0, p), kv.row(layer, 1, p)
+            if not (self.usable and math.isfinite(math.fsum(map(abs, key + value)))):
+                self.usable = False
+                return None
+            for h, head in enumerate(heads):
+                head.append(key[h * hd:(h + 1) * hd], value[h * hd:(h + 1) * hd])
+        out = []
+        for h in range(self.n_head_kv * self.group):
+            att = heads[h // self.group].attend([v * scale for v in q[h * hd:(h + 1) * hd]])
+            if att is None:
+                return None
+            out += att
+        return out
+
+
+class _PackedHeadCache:
+    """One key/value head of one layer; see PackedAttention."""
+
+    def __init__(self, head_dim):
+        self.n = 0
+        self.key_cols = [0] * head_dim           # lane p: key row p, scaled, + PACK_OFFSET
+        self.key_doubles, self.key_bases = b"", []
+        self.value_rows = []                     # one int per position, a lane per dim
+        self.value_scales = []                   # 2**-e of each value row
+        self.value_reader = lane_reader([0] * head_dim)
+
+    def append(self, key, value):
+        shift = 8 * _W * self.n
+        e_key, ints = _packed_row(key)
+        self.key_cols = [col + (w << shift) for col, w in zip(self.key_cols, ints)]
+        doubles, bases = lane_reader([e_key])
+        self.key_doubles += doubles
+        self.key_bases += bases
+        e_value, ints = _packed_row(value)
+        lanes = bytearray(_W * len(ints))
+        raw = array.array("q", ints)
+        if sys.byteorder == "big":
+            raw.byteswap()
+        raw = raw.tobytes()
+        for k in range(_PACK_STORED):
+            lanes[k::_W] = raw[k::8]
+        self.value_rows.append(int.from_bytes(lanes, "little"))
+        self.value_scales.append(math.ldexp(1.0, -e_value))
+        self.n += 1
+
+    def attend(self, q):
+        px = PackedX(q)
+        if not px.finite:
+            return None
+        scores = list(packed_dots(px, self.key_cols, self.key_doubles, self.key_bases,
+                                  1.0 / px.s))
+        top = max(scores)
+        weights = [math.exp(s - top) for s in scores]
+        total = math.fsum(weights)
+        # a value row scaled by 2**e counts with weight w * 2**-e
+        pw = PackedX(list(map(operator.mul, weights, self.value_scales)))
+        return list(packed_dots(pw, self.value_rows, *self.value_reader,
+                                1.0 / (pw.s * total)))
+
+
+def _packed_row(values):
+    """(e, [round(v * 2**e) + PACK_OFFSET]) with max|v| * 2**e < 2**(PACK_WEIGHT_BITS-1);
+    values are finite (FP16 cache entries)."""
+    e = _row_exponents([max(map(abs, values))])[0]
+    scale = math.ldexp(1.0, e)
+    return e, [round(v * scale) + PACK_OFFSET for v in values]
+
 
 
 # ---------------------------------------------------------------------------
@@ -3196,6 +3307,10 @@ class KVCache:
         self.row_format.pack_into(self.buf, self.offset(layer, 0, pos), *to_half_range(key))
         self.row_format.pack_into(self.buf, self.offset(layer, 1, pos), *to_half_range(value))
 
+    def row(self, layer, is_value, pos):
+        """One position's key or value row, as floats."""
+        return self.row_format.unpack_from(self.buf, self.offset(layer, is_value, pos))
+
     def rows(self, layer, is_value, n_pos):
         """The first n_pos rows of one layer's keys or values as one flat tuple of floats."""
         return struct.unpack_from("<%de" % (n_pos * self.kv_dim), self.buf,
@@ -3550,6 +3665,7 @@ class Model:
 
         self.threads = max(1, threads)
         self.accel, self.matmul, self.weights = None, None, "mapped"
+        self.packed_attention = None
         kernels, library = load_accelerator() if accelerate else (None, "--no-accel")
         if kernels is not None:
             self.accel = kernels.AcceleratedModel(
@@ -3567,6 +3683,8 @@ class Model:
         self.output_group = len(group_names) - 1
         groups = [[tensors[name] for name in names] for names in group_names]
         packed, self.weights = choose_packing(pack, [t for g in groups for t in g])
+        self.packed_attention = (PackedAttention(cfg.n_layer, cfg.n_head, cfg.n_head_kv,
+                                                 cfg.head_dim) if packed else None)
         start = time.perf_counter()
         if self.threads > 1:
             self.matmul = ParallelMatmul(self.path, group_names, groups, self.threads, packed)
@@ -3592,7 +3710,12 @@ class Model:
             self.rope.rotate(q, cfg.n_head, cfg.head_dim, pos)
             self.rope.rotate(k, cfg.n_head_kv, cfg.head_dim, pos)
             kv.store(layer, pos, k, v)
-            att = attention(q, kv, layer, pos + 1, cfg.n_head, cfg.n_head_kv, cfg.head_dim)
+            att = None
+            if self.packed_attention is not None:
+                att = self.packed_attention.step(kv, layer, pos, q)
+            if att is None:
+                att = attention(q, kv, layer, pos + 1, cfg.n_head, cfg.n_head_kv,
+                                cfg.head_dim)
             add_into(x, self.matmul(group + 1, att)[0])
             # feed-forward: normalise, SwiGLU, project down
             xb = rmsnorm(x, self.ffn_norms[layer], cfg.norm_eps)
@@ -3634,6 +3757,8 @@ class Model:
     def reset(self):
         """Forgets every evaluated token (the cache is simply overwritten later)."""
         self.tokens = []
+        if self.packed_attention is not None:
+            self.packed_attention.clear()
 
     def generate(self, prompt, max_tokens=256, temperature=0.8, top_p=0.9, seed=42,
                  stats=None, grammar=None, cache=None):
@@ -3803,6 +3928,8 @@ class Model:
                     at = kv.offset(layer, is_value, 0)
                     kv.buf[at:at + n * kv.kv_dim * 2] = data[src:src + n * kv.kv_dim * 2]
         self.tokens = ids[:n]
+        if self.packed_attention is not None:
+            self.packed_attention.clear()
         return n
 
     def _parse_state(self, data):

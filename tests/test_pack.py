@@ -182,6 +182,51 @@ class WorstCaseTest(PackedTest):
         self.assertEqual(rows(rows.prepare(x)), streamed(streamed.prepare(x)))
 
 
+class AttentionTest(unittest.TestCase):
+    """PackedAttention against the streamed attention() over the same FP16 cache."""
+
+    def setUp(self):
+        self.rng = random.Random(11)
+        self.kv = picolm.KVCache(2, 40, 2 * 16)       # 2 layers, 2 kv heads of 16
+        self.att = picolm.PackedAttention(2, 4, 2, 16)  # 4 query heads
+
+    def fill(self, layer, pos, spread=1.0):
+        self.kv.store(layer, pos, [self.rng.gauss(0, spread) for _ in range(32)],
+                      [self.rng.gauss(0, spread) for _ in range(32)])
+
+    def check(self, layer, pos, q):
+        got = self.att.step(self.kv, layer, pos, q)
+        want = picolm.attention(q, self.kv, layer, pos + 1, 4, 2, 16)
+        norm_v = max(map(abs, self.kv.rows(layer, 1, pos + 1)))
+        for a, b in zip(got, want):
+            self.assertLessEqual(abs(a - b), 1e-4 * norm_v, (layer, pos))
+
+    def test_positions_one_by_one_and_rewound(self):
+        for pos in range(30):
+            # rows of very different sizes, as real keys have
+            self.fill(0, pos, spread=10.0 ** self.rng.uniform(-3, 3))
+            self.check(0, pos, [self.rng.gauss(0, 3) for _ in range(64)])
+        # a rewind (generation restarted at position 12 with other tokens)
+        for pos in range(12, 20):
+            self.fill(0, pos)
+            self.check(0, pos, [self.rng.gauss(0, 3) for _ in range(64)])
+
+    def test_positions_taken_from_the_cache(self):
+        """After a cache file was loaded: positions 0..9 are only in the FP16 cache."""
+        for pos in range(10):
+            self.fill(1, pos)
+        self.att.clear()
+        self.check(1, 9, [self.rng.gauss(0, 1) for _ in range(64)])
+
+    def test_non_finite_entries_are_left_to_attention(self):
+        self.fill(0, 0)
+        self.kv.store(0, 1, [math.inf] * 32, [0.0] * 32)
+        self.assertIsNone(self.att.step(self.kv, 0, 1, [1.0] * 64))
+        self.att.clear()
+        self.fill(0, 1)
+        self.assertIsNone(self.att.step(self.kv, 0, 1, [math.nan] * 64))
+
+
 # SmolLM2-135M's matrices: 30 layers of q, k, v, o, gate, up, down, and the tied output.
 SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536),
                   (1536, 576)] * 30 + [(576, 49152)]
