@@ -1223,6 +1223,12 @@ class PackedAttention:
         self.layers = [None] * n_layer
         self.clear()
 
+    @staticmethod
+    def bytes_per_position(n_layer, n_head_kv, head_dim):
+        """RAM one position takes: key and value lanes (5.3 bytes each in CPython's
+        30-bit digits), an int's header, and a few floats and pointers."""
+        return n_layer * n_head_kv * (2 * head_dim * 8 * _W * 4 // 30 + 110)
+
     def clear(self):
         """Forgets every position (after the KV cache was reset or reloaded)."""
         self.layers = [[_PackedHeadCache(self.head_dim) for _ in range(self.n_head_kv)]
@@ -3573,10 +3579,11 @@ def load_accelerator():
     return picolm_kernels, library
 
 
-def choose_packing(mode, tensors):
+def choose_packing(mode, tensors, kv_bytes=0):
     """(pack or not, a line saying which and why) for --pack auto|on|off: auto packs
-    when the packed matrices take under half of the memory available."""
-    need = sum(map(packed_bytes, tensors)) / MB
+    when the packed matrices, and the packed KV cache at full context (kv_bytes), take
+    under half of the memory available."""
+    need = (sum(map(packed_bytes, tensors)) + kv_bytes) / MB
     if mode == "on":
         return True, "weights packed into RAM, %.0f MB (--pack on)" % need
     if mode == "off":
@@ -3682,7 +3689,9 @@ class Model:
         group_names.append([output_name])
         self.output_group = len(group_names) - 1
         groups = [[tensors[name] for name in names] for names in group_names]
-        packed, self.weights = choose_packing(pack, [t for g in groups for t in g])
+        packed, self.weights = choose_packing(
+            pack, [t for g in groups for t in g],
+            PackedAttention.bytes_per_position(cfg.n_layer, cfg.n_head_kv, cfg.head_dim) * n_ctx)
         self.packed_attention = (PackedAttention(cfg.n_layer, cfg.n_head, cfg.n_head_kv,
                                                  cfg.head_dim) if packed else None)
         start = time.perf_counter()

@@ -48,14 +48,16 @@ def log_softmax_at(logits, index):
 @unittest.skipUnless(os.path.exists(MODEL), "the default model is absent: "
                      "run python3 tools/get_model.py (CI does)")
 class SmolLM2Fidelity(unittest.TestCase):
-    """The pure Python path, on the subset named at the top of this file."""
-    accelerate = False
+    """The pure Python path streaming its weights (--pack off), on the subset named at
+    the top of this file."""
+    accelerate, pack = False, "off"
     greedy_prompts, greedy_tokens, ppl_tokens = GREEDY_PROMPTS, GREEDY_TOKENS, PPL_TOKENS
 
     @classmethod
     def setUpClass(cls):
         cls.reference = load_json(REFERENCE)
-        cls.model = picolm.Model(MODEL, n_ctx=600, threads=THREADS, accelerate=cls.accelerate)
+        cls.model = picolm.Model(MODEL, n_ctx=600, threads=THREADS, accelerate=cls.accelerate,
+                                 pack=cls.pack)
 
     @classmethod
     def tearDownClass(cls):
@@ -109,7 +111,8 @@ class SmolLM2Fidelity(unittest.TestCase):
             proc = subprocess.run(
                 [sys.executable, os.path.join(ROOT, "picolm.py"), MODEL, "-p",
                  self.reference["greedy"][0]["prompt"], "-n", str(GREEDY_TOKENS), "-t", "0",
-                 "-c", "2048", "-j", "1"] + ([] if self.accelerate else ["--no-accel"]),
+                 "-c", "2048", "-j", "1"]
+                + ([] if self.accelerate else ["--no-accel", "--pack", self.pack]),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=1800)
             self.assertEqual(proc.returncode, 0, proc.stderr.decode())
             cls._cli = (proc.stdout.decode(), proc.stderr.decode())
