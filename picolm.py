@@ -2894,29 +2894,29 @@ def add_into(x, delta):
 
 
 class RopeTable:
-    """cos/sin of every (position, frequency) pair, computed once for the context.
+    """cos/sin of the angles of one position, computed when the position comes (every
+    layer rotates at the same position, so each is computed once per token): a table
+    for the whole context would hold 1 MB for SmolLM2 at -c 2048.
 
     theta(pos, i) = pos * scale * base^(-2i / n_rot) / freq_factor[i]
     """
 
-    def __init__(self, n_ctx, n_rot, base, scale, pairing, freq_factors=None):
+    def __init__(self, n_rot, base, scale, pairing, freq_factors=None):
         self.half = n_rot // 2
         self.pairing = pairing
         inv_freq = [scale * base ** (-2.0 * i / n_rot) for i in range(self.half)]
         if freq_factors is not None:
             inv_freq = [f / factor for f, factor in zip(inv_freq, freq_factors)]
-        self.cos = array.array("d")
-        self.sin = array.array("d")
-        for pos in range(n_ctx):
-            angles = [pos * f for f in inv_freq]
-            self.cos.extend(map(math.cos, angles))
-            self.sin.extend(map(math.sin, angles))
+        self.inv_freq = inv_freq
+        self.pos, self.cos, self.sin = None, None, None
 
     def rotate(self, vec, n_heads, head_dim, pos):
         """Rotates each head of `vec` in place by the angles of position `pos`."""
-        start = pos * self.half
-        cos = self.cos[start:start + self.half]
-        sin = self.sin[start:start + self.half]
+        if pos != self.pos:
+            angles = [pos * f for f in self.inv_freq]
+            self.pos = pos
+            self.cos, self.sin = list(map(math.cos, angles)), list(map(math.sin, angles))
+        cos, sin = self.cos, self.sin
         # index of the partner of each rotated element within a head
         if self.pairing == ROPE_NORM:
             first, second = range(0, 2 * self.half, 2), range(1, 2 * self.half, 2)
@@ -3255,8 +3255,8 @@ class Model:
                             % (n_ctx, cfg.n_ctx_train))
         self.n_ctx = n_ctx
 
-        def norm(name):
-            return dequantize(tensors[name].type, tensors[name].data, cfg.n_embd)
+        def norm(name):  # float32 values: array('f') holds them exactly, in 4 bytes each
+            return array.array("f", dequantize(tensors[name].type, tensors[name].data, cfg.n_embd))
 
         self.attn_norms = [norm("blk.%d.attn_norm.weight" % i) for i in range(cfg.n_layer)]
         self.ffn_norms = [norm("blk.%d.ffn_norm.weight" % i) for i in range(cfg.n_layer)]
@@ -3268,8 +3268,8 @@ class Model:
             tensor_shape(tensors, "rope_freqs.weight", (cfg.rope_dim // 2,))
             rope_freqs = tensors["rope_freqs.weight"]
             freq_factors = dequantize(rope_freqs.type, rope_freqs.data, cfg.rope_dim // 2)
-        self.rope = RopeTable(n_ctx, cfg.rope_dim, cfg.rope_base, cfg.rope_scale,
-                              cfg.rope_pairing, freq_factors)
+        self.rope = RopeTable(cfg.rope_dim, cfg.rope_base, cfg.rope_scale, cfg.rope_pairing,
+                              freq_factors)
         self.kv = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv * cfg.head_dim)
 
         self.threads = max(1, threads)
