@@ -111,12 +111,15 @@ class GGUFCursor:
     def u64(self, what):
         return self.scalar("Q", 8, what)
 
-    def string(self, what):
+    def raw_string(self, what):
         length = self.u64(what + " length")
         self.need(length, what)
         raw = bytes(self.buf[self.pos:self.pos + length])
         self.pos += length
-        return raw.decode("utf-8", errors="replace")
+        return raw
+
+    def string(self, what):
+        return self.raw_string(what).decode("utf-8", errors="replace")
 
     def value(self, vtype, what, depth=0):
         if vtype in GGUF_SCALARS:
@@ -144,7 +147,9 @@ class GGUFCursor:
             raise PicoError("%s has unknown element type %d" % (what, elem_type))
         self.need(count * min_size, "%s (%d elements)" % (what, count))
         if elem_type == GGUF_STRING:
-            return [self.string(what) for _ in range(count)]
+            # As the file's UTF-8: vocabularies hold 50k-260k strings, which take
+            # up to twice the memory as str.
+            return [self.raw_string(what) for _ in range(count)]
         return [self.array(what, depth + 1) for _ in range(count)]
 
 
@@ -977,6 +982,7 @@ TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
 _SPM_SPACE = "\u2581"  # "▁": how SentencePiece writes a space
+_SPM_SPACE_UTF8 = _SPM_SPACE.encode("utf-8")
 
 # Token texts llama.cpp treats as end of generation (llama_vocab::impl::load).
 _EOG_TEXTS = frozenset((
@@ -1161,9 +1167,9 @@ def _bytes_to_unicode():
 
 
 _BYTE_TO_CHAR = _bytes_to_unicode()
-# str.translate table: latin-1 char of a byte -> its printable stand-in.
-_BYTE_ENCODE_TABLE = "".join(_BYTE_TO_CHAR[b] for b in range(256))
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+# UTF-8 of each byte's stand-in: the symbols a byte-level BPE word starts as.
+_BYTE_SYMBOLS = tuple(_BYTE_TO_CHAR[b].encode("utf-8") for b in range(256))
 # Reverse table for the fast path of decoding: stand-in -> latin-1 char.
 # Characters below 256 that are not stand-ins map to U+FFFF so that the
 # latin-1 encode fails and the slow path handles them.
@@ -1232,7 +1238,7 @@ def _merge_pairs(symbols, priority):
         if not left_text or not right_text or len(left_text) + len(right_text) != size:
             continue
         symbols[left] = left_text + right_text
-        symbols[right] = ""
+        symbols[right] = b""
         after = next_[right]
         next_[left] = after
         if after != -1:
@@ -1247,8 +1253,8 @@ def _merge_pairs(symbols, priority):
 
 
 # The vocabulary arrays and the Python types their elements may have.
-_TOKENIZER_ARRAYS = (("tokenizer.ggml.tokens", (str,)), ("tokenizer.ggml.token_type", (int,)),
-                     ("tokenizer.ggml.scores", (float, int)), ("tokenizer.ggml.merges", (str,)))
+_TOKENIZER_ARRAYS = (("tokenizer.ggml.tokens", (bytes,)), ("tokenizer.ggml.token_type", (int,)),
+                     ("tokenizer.ggml.scores", (float, int)), ("tokenizer.ggml.merges", (bytes,)))
 
 
 def _check_array_types(metadata):
@@ -1301,9 +1307,8 @@ class Tokenizer:
         if not isinstance(tokens, list) or not tokens:
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens list")
         n = len(tokens)
-        if "" in tokens:  # llama.cpp renames empty tokens, so do we
-            tokens = ["[EMPTY_%d]" % i if t == "" else t
-                      for i, t in enumerate(tokens)]
+        if b"" in tokens:  # llama.cpp renames empty tokens, so do we
+            tokens = [t or b"[EMPTY_%d]" % i for i, t in enumerate(tokens)]
         types = metadata.get("tokenizer.ggml.token_type")
         if types is None:
             types = [TOKEN_NORMAL] * n
@@ -1335,8 +1340,9 @@ class Tokenizer:
         if not isinstance(merges, list):
             raise ValueError("tokenizer.ggml.model is 'gpt2' but "
                              "tokenizer.ggml.merges is missing")
-        # Keyed by the merge line itself ("left right"): one string per
-        # entry, shared with the metadata. Rank = position in the list.
+        # Keyed by the merge line itself (b"left right"; byte-level symbols hold
+        # no space): one bytes object per entry, shared with the metadata.
+        # Rank = position in the list.
         if len(merges) > len(self._ids):
             self._ids.extend(range(len(self._ids), len(merges)))
         ranks = dict(zip(merges, self._ids))
@@ -1425,7 +1431,8 @@ class Tokenizer:
 
     def _find_text(self, texts):
         """Lowest id among tokens whose text is one of `texts`, or None."""
-        ids = [self._token_to_id[t] for t in texts if t in self._token_to_id]
+        found = (self._token_to_id.get(t.encode("utf-8")) for t in texts)
+        ids = [i for i in found if i is not None]
         return min(ids) if ids else None
 
     def _force_control(self, token_id):
@@ -1456,18 +1463,18 @@ class Tokenizer:
             if self._fim_ids[name] is not None:
                 eog.add(self._fim_ids[name])
         for text in _EOG_TEXTS:
-            token_id = self._token_to_id.get(text)
+            token_id = self._token_to_id.get(text.encode("utf-8"))
             if token_id is not None:
                 eog.add(token_id)
                 self._force_control(token_id)
         for text in _ALWAYS_USER_DEFINED:
-            token_id = self._token_to_id.get(text)
+            token_id = self._token_to_id.get(text.encode("utf-8"))
             if token_id is not None:
                 self._types[token_id] = TOKEN_USER_DEFINED
         for token_id in (self.eos_id, self.eot_id, self.eom_id):
             if token_id is not None:
                 eog.add(token_id)
-        texts = {self._tokens[i]: i for i in eog}
+        texts = {self.token_text(i): i for i in eog}
         # o200k_harmony / solar-open: there "<|end|>" ends a message, not
         # the generation.
         has_call = "<|call|>" in texts or "<|calls|>" in texts
@@ -1489,7 +1496,7 @@ class Tokenizer:
         every, user = [], []
         for token_id, kind in enumerate(types):
             if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
-                entry = (self._tokens[token_id], token_id)
+                entry = (self.token_text(token_id), token_id)
                 every.append(entry)
                 if kind == TOKEN_USER_DEFINED:
                     user.append(entry)
@@ -1580,23 +1587,24 @@ class Tokenizer:
         for piece in _pretokenize(self._pre, text):
             ids = cache.get(piece)
             if ids is None:
-                word = piece.encode("utf-8").decode("latin-1").translate(
-                    _BYTE_ENCODE_TABLE)
-                ids = self._bpe_word(word)
+                ids = self._bpe_word([_BYTE_SYMBOLS[b] for b in piece.encode("utf-8")])
                 if len(piece) <= self._BPE_CACHE_MAX_PIECE:
                     if len(cache) >= self._BPE_CACHE_LIMIT:
                         cache.clear()
                     cache[piece] = ids
             out.extend(ids)
 
-    def _bpe_word(self, word):
-        """Merge one byte-level word: repeatedly the adjacent pair with the
-        lowest merge rank (leftmost on ties), as llama.cpp's queue does."""
+    def _bpe_word(self, symbols):
+        """Merge one byte-level word, given as the UTF-8 of each byte's stand-in:
+        repeatedly the adjacent pair with the lowest merge rank (leftmost on ties),
+        as llama.cpp's queue does."""
         token_to_id = self._token_to_id
-        if len(word) == 1 or (self._ignore_merges and word in token_to_id):
-            symbols = [word]
-        else:
-            symbols = self._bpe_merge(list(word))
+        if len(symbols) > 1:
+            word = b"".join(symbols)
+            if self._ignore_merges and word in token_to_id:
+                symbols = [word]
+            else:
+                symbols = self._bpe_merge(symbols)
         ids = []
         for symbol in symbols:
             token_id = token_to_id.get(symbol)
@@ -1605,15 +1613,15 @@ class Tokenizer:
                 continue
             # No token for the symbol: llama.cpp tries each single byte of
             # its UTF-8 text as a token; only ASCII bytes can match.
-            for b in symbol.encode("utf-8"):
-                token_id = token_to_id.get(chr(b)) if b < 128 else None
+            for b in symbol:
+                token_id = token_to_id.get(bytes((b,))) if b < 128 else None
                 if token_id is not None:
                     ids.append(token_id)
         return tuple(ids)
 
     def _bpe_merge(self, symbols):
         ranks = self._merge_rank
-        return _merge_pairs(symbols, lambda left, right: ranks.get(left + " " + right))
+        return _merge_pairs(symbols, lambda left, right: ranks.get(left + b" " + right))
 
     def _encode_spm_fragment(self, text, out):
         """SentencePiece BPE over characters: merge the adjacent pair whose
@@ -1625,18 +1633,18 @@ class Tokenizer:
             token_id = token_to_id.get(left + right)
             return None if token_id is None else -scores[token_id]
 
-        for symbol in _merge_pairs(list(text), priority):
+        for symbol in _merge_pairs([c.encode("utf-8") for c in text], priority):
             token_id = token_to_id.get(symbol)
             if token_id is not None:
                 out.append(token_id)
             else:  # no token: one <0xNN> token per UTF-8 byte
-                for b in symbol.encode("utf-8"):
+                for b in symbol:
                     out.append(self._byte_token(b))
 
     def _byte_token(self, b):
-        token_id = self._token_to_id.get("<0x%02X>" % b)
+        token_id = self._token_to_id.get(b"<0x%02X>" % b)
         if token_id is None:  # some vocabularies store the raw byte
-            token_id = self._token_to_id.get(chr(b))
+            token_id = self._token_to_id.get(chr(b).encode("utf-8"))
         if token_id is None:
             if self.unk_id is None:
                 raise ValueError("no byte token for 0x%02X and no unknown "
@@ -1655,17 +1663,17 @@ class Tokenizer:
         text = self._tokens[token_id]
         if kind == TOKEN_NORMAL:
             if self.model == "gpt2":
-                return _gpt2_token_bytes(text)
-            return text.replace(_SPM_SPACE, " ").encode("utf-8")
+                return _gpt2_token_bytes(text.decode("utf-8"))
+            return text.replace(_SPM_SPACE_UTF8, b" ")
         if kind == TOKEN_USER_DEFINED:
-            return text.encode("utf-8")
+            return text
         if kind == TOKEN_BYTE:
             return bytes((int(text[3:5], 16),))  # "<0xNN>"
         return b""
 
     def token_text(self, token_id):
         """The token's text as stored in the vocabulary."""
-        return self._tokens[token_id]
+        return self._tokens[token_id].decode("utf-8", "replace")
 
     def token_type(self, token_id):
         return self._types[token_id]
@@ -3248,6 +3256,10 @@ class Model:
         if self.tokenizer.n_vocab != cfg.n_vocab:
             raise PicoError("vocabulary has %d tokens, token_embd.weight %d rows"
                             % (self.tokenizer.n_vocab, cfg.n_vocab))
+        # The tokenizer holds what it needs of these (the token texts and merges);
+        # the lists themselves would only sit in memory for the whole run.
+        for key, _ in _TOKENIZER_ARRAYS:
+            self.file.metadata.pop(key, None)
         if n_ctx is None:
             n_ctx = min(2048, cfg.n_ctx_train)
         if not 1 <= n_ctx <= cfg.n_ctx_train:
