@@ -3417,6 +3417,7 @@ class Model:
             else:
                 budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
                 token = constraint.choose(sampler, logits, budget)
+            logits = None  # freed before the next are made (1.5 MB for a 49k vocabulary)
             if token in self.tokenizer.eog_ids:
                 stats["stop"] = "end of generation"
                 break
