@@ -3162,11 +3162,13 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, do
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         model_file = GGUFFile(path)
+        model_file.metadata.clear()  # only tensors are multiplied here: the vocabulary goes
         groups = [[model_file.tensors[name] for name in names] for names in group_names]
         shm = attach_shared_memory(shm_name)
     except BaseException:
         os.write(done_fd, b"-")
         return
+    release_free_memory()  # the compiler's scratch for this file, and the metadata
     x_view = shm.buf[8:8 * (1 + max_in)].cast("d")
     y_view = shm.buf[8 * (1 + max_in):].cast("d")
     os.write(done_fd, b"+")
@@ -3857,8 +3859,9 @@ def report(model, stats, memory):
     if isinstance(model.matmul, ParallelMatmul):
         worker_rss = [rss_anon_bytes(w.pid) for w in model.matmul.workers]
         if all(r is not None for r in worker_rss):
-            lines.append("memory: %d workers, RssAnon %s MB" % (
-                len(worker_rss), " + ".join("%.1f" % (r / MB) for r in worker_rss)))
+            lines.append("memory: %d worker%s, RssAnon %s MB" % (
+                len(worker_rss), "s" if len(worker_rss) > 1 else "",
+                " + ".join("%.1f" % (r / MB) for r in worker_rss)))
     for line in lines:
         print("picolm: " + line, file=sys.stderr)
 
