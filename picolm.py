@@ -33,7 +33,6 @@ import unicodedata
 from collections import namedtuple
 from functools import lru_cache
 from itertools import chain, repeat
-from multiprocessing import shared_memory
 
 __version__ = "0.1.0"
 
@@ -3066,6 +3065,7 @@ class ParallelMatmul:
         self.workers, self.go_fds, self.done_fds = [], [], []
         max_in = max(group[0].n_cols for group in groups)
         max_out = max(sum(t.n_rows for t in group) for group in groups)
+        from multiprocessing import shared_memory  # here: 0.8 MB of modules -j 1 never needs
         self.shm = shared_memory.SharedMemory(create=True, size=8 * (1 + max_in + max_out))
         self.x_view = self.shm.buf[8:8 * (1 + max_in)].cast("d")
         self.y_view = self.shm.buf[8 * (1 + max_in):].cast("d")
@@ -3146,9 +3146,9 @@ def attach_shared_memory(name):
     """Opens the parent's shared block without registering it with a resource tracker:
     before Python 3.13 an attaching process registers it, and its tracker would unlink
     the parent's block (and warn) when the worker exits."""
+    from multiprocessing import resource_tracker, shared_memory
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)
-    from multiprocessing import resource_tracker
     register = resource_tracker.register
     resource_tracker.register = lambda *args: None
     try:
