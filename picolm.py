@@ -1274,9 +1274,10 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, metadata, warn=None):
-        """metadata: GGUF key -> value. warn: called with a message for
-        problems that are worked around. Raises ValueError when the
-        vocabulary is missing or inconsistent."""
+        """metadata: GGUF key -> value, as GGUFFile.metadata (token texts
+        and merges as UTF-8 bytes, shared, not copied). warn: called with a
+        message for problems that are worked around. Raises ValueError when
+        the vocabulary is missing or inconsistent."""
         return cls(metadata, warn)
 
     def __init__(self, metadata, warn=None):
