@@ -146,8 +146,8 @@ class GGUFCursor:
             raise PicoError("%s has unknown element type %d" % (what, elem_type))
         self.need(count * min_size, "%s (%d elements)" % (what, count))
         if elem_type == GGUF_STRING:
-            # As the file's UTF-8: vocabularies hold 50k-260k strings, which take
-            # up to twice the memory as str.
+            # Kept as the file's UTF-8: vocabularies hold 50k-260k strings, which
+            # as str would take up to twice the memory.
             return [self.raw_string(what) for _ in range(count)]
         return [self.array(what, depth + 1) for _ in range(count)]
 
@@ -1214,7 +1214,7 @@ class StreamDecoder:
 
 
 def _merge_pairs(symbols, priority):
-    """Merges adjacent symbols, always the pair with the lowest priority(left, right)
+    """Merges adjacent symbols (bytes), always the pair with the lowest priority(left, right)
     first (leftmost on ties; None = not mergeable), until no pair can merge: the
     queue both llama.cpp tokenizers use. Returns the merged symbols."""
     n = len(symbols)
@@ -3271,7 +3271,8 @@ class Model:
         self.n_ctx = n_ctx
 
         def norm(name):  # float32 values: array('f') holds them exactly, in 4 bytes each
-            return array.array("f", dequantize(tensors[name].type, tensors[name].data, cfg.n_embd))
+            tensor = tensors[name]
+            return array.array("f", dequantize(tensor.type, tensor.data, cfg.n_embd))
 
         self.attn_norms = [norm("blk.%d.attn_norm.weight" % i) for i in range(cfg.n_layer)]
         self.ffn_norms = [norm("blk.%d.ffn_norm.weight" % i) for i in range(cfg.n_layer)]
