@@ -33,7 +33,6 @@ import unicodedata
 from collections import namedtuple
 from functools import lru_cache
 from itertools import chain, repeat
-from multiprocessing import shared_memory
 
 __version__ = "0.1.0"
 
@@ -111,12 +110,15 @@ class GGUFCursor:
     def u64(self, what):
         return self.scalar("Q", 8, what)
 
-    def string(self, what):
+    def raw_string(self, what):
         length = self.u64(what + " length")
         self.need(length, what)
         raw = bytes(self.buf[self.pos:self.pos + length])
         self.pos += length
-        return raw.decode("utf-8", errors="replace")
+        return raw
+
+    def string(self, what):
+        return self.raw_string(what).decode("utf-8", errors="replace")
 
     def value(self, vtype, what, depth=0):
         if vtype in GGUF_SCALARS:
@@ -144,7 +146,9 @@ class GGUFCursor:
             raise PicoError("%s has unknown element type %d" % (what, elem_type))
         self.need(count * min_size, "%s (%d elements)" % (what, count))
         if elem_type == GGUF_STRING:
-            return [self.string(what) for _ in range(count)]
+            # Kept as the file's UTF-8: vocabularies hold 50k-260k strings, which
+            # as str would take up to twice the memory.
+            return [self.raw_string(what) for _ in range(count)]
         return [self.array(what, depth + 1) for _ in range(count)]
 
 
@@ -1344,6 +1348,7 @@ TOKEN_UNUSED = 5
 TOKEN_BYTE = 6
 
 _SPM_SPACE = "\u2581"  # "▁": how SentencePiece writes a space
+_SPM_SPACE_UTF8 = _SPM_SPACE.encode("utf-8")
 
 # Token texts llama.cpp treats as end of generation (llama_vocab::impl::load).
 _EOG_TEXTS = frozenset((
@@ -1528,9 +1533,9 @@ def _bytes_to_unicode():
 
 
 _BYTE_TO_CHAR = _bytes_to_unicode()
-# str.translate table: latin-1 char of a byte -> its printable stand-in.
-_BYTE_ENCODE_TABLE = "".join(_BYTE_TO_CHAR[b] for b in range(256))
 _CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+# UTF-8 of each byte's stand-in: the symbols a byte-level BPE word starts as.
+_BYTE_SYMBOLS = tuple(_BYTE_TO_CHAR[b].encode("utf-8") for b in range(256))
 # Reverse table for the fast path of decoding: stand-in -> latin-1 char.
 # Characters below 256 that are not stand-ins map to U+FFFF so that the
 # latin-1 encode fails and the slow path handles them.
@@ -1576,7 +1581,7 @@ class StreamDecoder:
 
 
 def _merge_pairs(symbols, priority):
-    """Merges adjacent symbols, always the pair with the lowest priority(left, right)
+    """Merges adjacent symbols (bytes), always the pair with the lowest priority(left, right)
     first (leftmost on ties; None = not mergeable), until no pair can merge: the
     queue both llama.cpp tokenizers use. Returns the merged symbols."""
     n = len(symbols)
@@ -1599,7 +1604,7 @@ def _merge_pairs(symbols, priority):
         if not left_text or not right_text or len(left_text) + len(right_text) != size:
             continue
         symbols[left] = left_text + right_text
-        symbols[right] = ""
+        symbols[right] = b""
         after = next_[right]
         next_[left] = after
         if after != -1:
@@ -1614,8 +1619,8 @@ def _merge_pairs(symbols, priority):
 
 
 # The vocabulary arrays and the Python types their elements may have.
-_TOKENIZER_ARRAYS = (("tokenizer.ggml.tokens", (str,)), ("tokenizer.ggml.token_type", (int,)),
-                     ("tokenizer.ggml.scores", (float, int)), ("tokenizer.ggml.merges", (str,)))
+_TOKENIZER_ARRAYS = (("tokenizer.ggml.tokens", (bytes,)), ("tokenizer.ggml.token_type", (int,)),
+                     ("tokenizer.ggml.scores", (float, int)), ("tokenizer.ggml.merges", (bytes,)))
 
 
 def _check_array_types(metadata):
@@ -1636,9 +1641,10 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, metadata, warn=None):
-        """metadata: GGUF key -> value. warn: called with a message for
-        problems that are worked around. Raises ValueError when the
-        vocabulary is missing or inconsistent."""
+        """metadata: GGUF key -> value, as GGUFFile.metadata (token texts
+        and merges as UTF-8 bytes, shared, not copied). warn: called with a
+        message for problems that are worked around. Raises ValueError when
+        the vocabulary is missing or inconsistent."""
         return cls(metadata, warn)
 
     def __init__(self, metadata, warn=None):
@@ -1668,9 +1674,8 @@ class Tokenizer:
         if not isinstance(tokens, list) or not tokens:
             raise ValueError("GGUF metadata has no tokenizer.ggml.tokens list")
         n = len(tokens)
-        if "" in tokens:  # llama.cpp renames empty tokens, so do we
-            tokens = ["[EMPTY_%d]" % i if t == "" else t
-                      for i, t in enumerate(tokens)]
+        if b"" in tokens:  # llama.cpp renames empty tokens, so do we
+            tokens = [t or b"[EMPTY_%d]" % i for i, t in enumerate(tokens)]
         types = metadata.get("tokenizer.ggml.token_type")
         if types is None:
             types = [TOKEN_NORMAL] * n
@@ -1702,8 +1707,9 @@ class Tokenizer:
         if not isinstance(merges, list):
             raise ValueError("tokenizer.ggml.model is 'gpt2' but "
                              "tokenizer.ggml.merges is missing")
-        # Keyed by the merge line itself ("left right"): one string per
-        # entry, shared with the metadata. Rank = position in the list.
+        # Keyed by the merge line itself (b"left right"; byte-level symbols hold
+        # no space): one bytes object per entry, shared with the metadata.
+        # Rank = position in the list.
         if len(merges) > len(self._ids):
             self._ids.extend(range(len(self._ids), len(merges)))
         ranks = dict(zip(merges, self._ids))
@@ -1792,7 +1798,8 @@ class Tokenizer:
 
     def _find_text(self, texts):
         """Lowest id among tokens whose text is one of `texts`, or None."""
-        ids = [self._token_to_id[t] for t in texts if t in self._token_to_id]
+        found = (self._token_to_id.get(t.encode("utf-8")) for t in texts)
+        ids = [i for i in found if i is not None]
         return min(ids) if ids else None
 
     def _force_control(self, token_id):
@@ -1823,18 +1830,18 @@ class Tokenizer:
             if self._fim_ids[name] is not None:
                 eog.add(self._fim_ids[name])
         for text in _EOG_TEXTS:
-            token_id = self._token_to_id.get(text)
+            token_id = self._token_to_id.get(text.encode("utf-8"))
             if token_id is not None:
                 eog.add(token_id)
                 self._force_control(token_id)
         for text in _ALWAYS_USER_DEFINED:
-            token_id = self._token_to_id.get(text)
+            token_id = self._token_to_id.get(text.encode("utf-8"))
             if token_id is not None:
                 self._types[token_id] = TOKEN_USER_DEFINED
         for token_id in (self.eos_id, self.eot_id, self.eom_id):
             if token_id is not None:
                 eog.add(token_id)
-        texts = {self._tokens[i]: i for i in eog}
+        texts = {self.token_text(i): i for i in eog}
         # o200k_harmony / solar-open: there "<|end|>" ends a message, not
         # the generation.
         has_call = "<|call|>" in texts or "<|calls|>" in texts
@@ -1856,7 +1863,7 @@ class Tokenizer:
         every, user = [], []
         for token_id, kind in enumerate(types):
             if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
-                entry = (self._tokens[token_id], token_id)
+                entry = (self.token_text(token_id), token_id)
                 every.append(entry)
                 if kind == TOKEN_USER_DEFINED:
                     user.append(entry)
@@ -1947,23 +1954,24 @@ class Tokenizer:
         for piece in _pretokenize(self._pre, text):
             ids = cache.get(piece)
             if ids is None:
-                word = piece.encode("utf-8").decode("latin-1").translate(
-                    _BYTE_ENCODE_TABLE)
-                ids = self._bpe_word(word)
+                ids = self._bpe_word([_BYTE_SYMBOLS[b] for b in piece.encode("utf-8")])
                 if len(piece) <= self._BPE_CACHE_MAX_PIECE:
                     if len(cache) >= self._BPE_CACHE_LIMIT:
                         cache.clear()
                     cache[piece] = ids
             out.extend(ids)
 
-    def _bpe_word(self, word):
-        """Merge one byte-level word: repeatedly the adjacent pair with the
-        lowest merge rank (leftmost on ties), as llama.cpp's queue does."""
+    def _bpe_word(self, symbols):
+        """Merge one byte-level word, given as the UTF-8 of each byte's stand-in:
+        repeatedly the adjacent pair with the lowest merge rank (leftmost on ties),
+        as llama.cpp's queue does."""
         token_to_id = self._token_to_id
-        if len(word) == 1 or (self._ignore_merges and word in token_to_id):
-            symbols = [word]
-        else:
-            symbols = self._bpe_merge(list(word))
+        if len(symbols) > 1:
+            word = b"".join(symbols)
+            if self._ignore_merges and word in token_to_id:
+                symbols = [word]
+            else:
+                symbols = self._bpe_merge(symbols)
         ids = []
         for symbol in symbols:
             token_id = token_to_id.get(symbol)
@@ -1972,15 +1980,15 @@ class Tokenizer:
                 continue
             # No token for the symbol: llama.cpp tries each single byte of
             # its UTF-8 text as a token; only ASCII bytes can match.
-            for b in symbol.encode("utf-8"):
-                token_id = token_to_id.get(chr(b)) if b < 128 else None
+            for b in symbol:
+                token_id = token_to_id.get(bytes((b,))) if b < 128 else None
                 if token_id is not None:
                     ids.append(token_id)
         return tuple(ids)
 
     def _bpe_merge(self, symbols):
         ranks = self._merge_rank
-        return _merge_pairs(symbols, lambda left, right: ranks.get(left + " " + right))
+        return _merge_pairs(symbols, lambda left, right: ranks.get(left + b" " + right))
 
     def _encode_spm_fragment(self, text, out):
         """SentencePiece BPE over characters: merge the adjacent pair whose
@@ -1992,18 +2000,18 @@ class Tokenizer:
             token_id = token_to_id.get(left + right)
             return None if token_id is None else -scores[token_id]
 
-        for symbol in _merge_pairs(list(text), priority):
+        for symbol in _merge_pairs([c.encode("utf-8") for c in text], priority):
             token_id = token_to_id.get(symbol)
             if token_id is not None:
                 out.append(token_id)
             else:  # no token: one <0xNN> token per UTF-8 byte
-                for b in symbol.encode("utf-8"):
+                for b in symbol:
                     out.append(self._byte_token(b))
 
     def _byte_token(self, b):
-        token_id = self._token_to_id.get("<0x%02X>" % b)
+        token_id = self._token_to_id.get(b"<0x%02X>" % b)
         if token_id is None:  # some vocabularies store the raw byte
-            token_id = self._token_to_id.get(chr(b))
+            token_id = self._token_to_id.get(chr(b).encode("utf-8"))
         if token_id is None:
             if self.unk_id is None:
                 raise ValueError("no byte token for 0x%02X and no unknown "
@@ -2022,17 +2030,17 @@ class Tokenizer:
         text = self._tokens[token_id]
         if kind == TOKEN_NORMAL:
             if self.model == "gpt2":
-                return _gpt2_token_bytes(text)
-            return text.replace(_SPM_SPACE, " ").encode("utf-8")
+                return _gpt2_token_bytes(text.decode("utf-8"))
+            return text.replace(_SPM_SPACE_UTF8, b" ")
         if kind == TOKEN_USER_DEFINED:
-            return text.encode("utf-8")
+            return text
         if kind == TOKEN_BYTE:
             return bytes((int(text[3:5], 16),))  # "<0xNN>"
         return b""
 
     def token_text(self, token_id):
         """The token's text as stored in the vocabulary."""
-        return self._tokens[token_id]
+        return self._tokens[token_id].decode("utf-8", "replace")
 
     def token_type(self, token_id):
         return self._types[token_id]
@@ -3259,29 +3267,29 @@ def add_into(x, delta):
 
 
 class RopeTable:
-    """cos/sin of every (position, frequency) pair, computed once for the context.
+    """cos/sin of the angles of one position, computed when the position comes (every
+    layer rotates at the same position, so each is computed once per token): a table
+    for the whole context would hold 1 MB for SmolLM2 at -c 2048.
 
     theta(pos, i) = pos * scale * base^(-2i / n_rot) / freq_factor[i]
     """
 
-    def __init__(self, n_ctx, n_rot, base, scale, pairing, freq_factors=None):
+    def __init__(self, n_rot, base, scale, pairing, freq_factors=None):
         self.half = n_rot // 2
         self.pairing = pairing
         inv_freq = [scale * base ** (-2.0 * i / n_rot) for i in range(self.half)]
         if freq_factors is not None:
             inv_freq = [f / factor for f, factor in zip(inv_freq, freq_factors)]
-        self.cos = array.array("d")
-        self.sin = array.array("d")
-        for pos in range(n_ctx):
-            angles = [pos * f for f in inv_freq]
-            self.cos.extend(map(math.cos, angles))
-            self.sin.extend(map(math.sin, angles))
+        self.inv_freq = inv_freq
+        self.pos, self.cos, self.sin = None, None, None
 
     def rotate(self, vec, n_heads, head_dim, pos):
         """Rotates each head of `vec` in place by the angles of position `pos`."""
-        start = pos * self.half
-        cos = self.cos[start:start + self.half]
-        sin = self.sin[start:start + self.half]
+        if pos != self.pos:
+            angles = [pos * f for f in self.inv_freq]
+            self.pos = pos
+            self.cos, self.sin = list(map(math.cos, angles)), list(map(math.sin, angles))
+        cos, sin = self.cos, self.sin
         # index of the partner of each rotated element within a head
         if self.pairing == ROPE_NORM:
             first, second = range(0, 2 * self.half, 2), range(1, 2 * self.half, 2)
@@ -3422,6 +3430,7 @@ class ParallelMatmul:
         self.workers, self.go_fds, self.done_fds = [], [], []
         max_in = max(group[0].n_cols for group in groups)
         max_out = max(sum(t.n_rows for t in group) for group in groups)
+        from multiprocessing import shared_memory  # here: 0.8 MB of modules -j 1 never needs
         self.shm = shared_memory.SharedMemory(create=True, size=8 * (1 + max_in + max_out))
         self.x_view = self.shm.buf[8:8 * (1 + max_in)].cast("d")
         self.y_view = self.shm.buf[8 * (1 + max_in):].cast("d")
@@ -3504,9 +3513,9 @@ def attach_shared_memory(name):
     """Opens the parent's shared block without registering it with a resource tracker:
     before Python 3.13 an attaching process registers it, and its tracker would unlink
     the parent's block (and warn) when the worker exits."""
+    from multiprocessing import resource_tracker, shared_memory
     if sys.version_info >= (3, 13):
         return shared_memory.SharedMemory(name=name, track=False)
-    from multiprocessing import resource_tracker
     register = resource_tracker.register
     resource_tracker.register = lambda *args: None
     try:
@@ -3521,12 +3530,14 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, do
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         model_file = GGUFFile(path)
+        model_file.metadata.clear()  # only tensors are multiplied here: the vocabulary goes
         groups = [[model_file.tensors[name] for name in names] for names in group_names]
         kernels = [row_kernels(group, share, n_procs, packed) for group in groups]
         shm = attach_shared_memory(shm_name)
     except BaseException:
         os.write(done_fd, b"-")
         return
+    release_free_memory()  # the compiler's scratch for this file, and the metadata
     x_view = shm.buf[8:8 * (1 + max_in)].cast("d")
     y_view = shm.buf[8 * (1 + max_in):].cast("d")
     os.write(done_fd, b"+")
@@ -3646,6 +3657,10 @@ class Model:
         if self.tokenizer.n_vocab != cfg.n_vocab:
             raise PicoError("vocabulary has %d tokens, token_embd.weight %d rows"
                             % (self.tokenizer.n_vocab, cfg.n_vocab))
+        # The tokenizer holds what it needs of these (the token texts and merges);
+        # the lists themselves would only sit in memory for the whole run.
+        for key, _ in _TOKENIZER_ARRAYS:
+            self.file.metadata.pop(key, None)
         if n_ctx is None:
             n_ctx = min(2048, cfg.n_ctx_train)
         if not 1 <= n_ctx <= cfg.n_ctx_train:
@@ -3653,8 +3668,9 @@ class Model:
                             % (n_ctx, cfg.n_ctx_train))
         self.n_ctx = n_ctx
 
-        def norm(name):
-            return dequantize(tensors[name].type, tensors[name].data, cfg.n_embd)
+        def norm(name):  # float32 values: array('f') holds them exactly, in 4 bytes each
+            tensor = tensors[name]
+            return array.array("f", dequantize(tensor.type, tensor.data, cfg.n_embd))
 
         self.attn_norms = [norm("blk.%d.attn_norm.weight" % i) for i in range(cfg.n_layer)]
         self.ffn_norms = [norm("blk.%d.ffn_norm.weight" % i) for i in range(cfg.n_layer)]
@@ -3666,8 +3682,8 @@ class Model:
             tensor_shape(tensors, "rope_freqs.weight", (cfg.rope_dim // 2,))
             rope_freqs = tensors["rope_freqs.weight"]
             freq_factors = dequantize(rope_freqs.type, rope_freqs.data, cfg.rope_dim // 2)
-        self.rope = RopeTable(n_ctx, cfg.rope_dim, cfg.rope_base, cfg.rope_scale,
-                              cfg.rope_pairing, freq_factors)
+        self.rope = RopeTable(cfg.rope_dim, cfg.rope_base, cfg.rope_scale, cfg.rope_pairing,
+                              freq_factors)
         self.kv = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv * cfg.head_dim)
 
         self.threads = max(1, threads)
@@ -3819,6 +3835,7 @@ class Model:
             else:
                 budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
                 token = constraint.choose(sampler, logits, budget)
+            logits = None  # freed before the next are made (1.5 MB for a 49k vocabulary)
             if token in self.tokenizer.eog_ids:
                 stats["stop"] = "end of generation"
                 break
@@ -4265,8 +4282,9 @@ def report(model, stats, memory):
     if isinstance(model.matmul, ParallelMatmul):
         worker_rss = [rss_anon_bytes(w.pid) for w in model.matmul.workers]
         if all(r is not None for r in worker_rss):
-            lines.append("memory: %d workers, RssAnon %s MB" % (
-                len(worker_rss), " + ".join("%.1f" % (r / MB) for r in worker_rss)))
+            lines.append("memory: %d worker%s, RssAnon %s MB" % (
+                len(worker_rss), "s" if len(worker_rss) > 1 else "",
+                " + ".join("%.1f" % (r / MB) for r in worker_rss)))
     for line in lines:
         print("picolm: " + line, file=sys.stderr)
 

@@ -341,19 +341,20 @@ def read_gguf(buf):
         pos += struct.calcsize("<" + fmt)
         return values[0]
 
-    def string():
+    def string(raw=False):
         nonlocal pos
         n = take("Q")
         pos += n
-        return bytes(buf[pos - n:pos]).decode("utf-8", "replace")
+        data = bytes(buf[pos - n:pos])
+        return data if raw else data.decode("utf-8", "replace")
 
-    def value(vtype):
+    def value(vtype, in_array=False):
         if vtype in SCALAR_CODES:
             return take(SCALAR_CODES[vtype])
         if vtype == STRING:
-            return string()
+            return string(raw=in_array)  # strings in arrays stay UTF-8, as picolm keeps them
         elem, count = take("I"), take("Q")
-        return [value(elem) for _ in range(count)]
+        return [value(elem, True) for _ in range(count)]
 
     assert bytes(buf[:4]) == b"GGUF"
     pos = 4

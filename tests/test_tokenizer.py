@@ -224,8 +224,9 @@ class SmolLM2TokenizerTests(_ModelTokenizerTests, unittest.TestCase):
             size, _ = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
-        # Measured ~5.5 MB (two 49k-entry dicts); the whole engine must stay
-        # under 40 MB RssAnon, so keep the tokenizer well below that.
+        # Measured ~6.5 MB (two 49k-entry dicts keyed by the metadata's bytes);
+        # the whole engine must stay under 40 MB RssAnon, so keep the tokenizer
+        # well below that.
         self.assertLess(size, 10 * 2 ** 20,
                         "tokenizer holds %.1f MB" % (size / 2 ** 20))
 
@@ -263,15 +264,20 @@ def _gpt2_chars():
     return chars
 
 
+def utf8(texts):
+    """Strings as GGUFFile reads arrays of them: the file's UTF-8 bytes."""
+    return [t.encode("utf-8") for t in texts]
+
+
 def gpt2_metadata(pre="gpt2", merges=("h e", "l l", "he ll", "Ġ w"),
                   extra=("he", "ll", "hell", "Ġw"), **more):
     tokens = ["<|endoftext|>"] + _gpt2_chars() + list(extra)
     metadata = {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": pre,
-        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.tokens": utf8(tokens),
         "tokenizer.ggml.token_type": [3] + [1] * (len(tokens) - 1),
-        "tokenizer.ggml.merges": list(merges),
+        "tokenizer.ggml.merges": utf8(merges),
         "tokenizer.ggml.bos_token_id": 0,
         "tokenizer.ggml.eos_token_id": 0,
     }
@@ -286,7 +292,7 @@ def spm_metadata(add_space_prefix=True):
     scores = [0.0, 0.0, 0.0, -1.0, -2.0, -2.0, -3.0, -1.5, -4.0, 0, 0, 0]
     return {
         "tokenizer.ggml.model": "llama",
-        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.tokens": utf8(tokens),
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.scores": scores,
         "tokenizer.ggml.add_space_prefix": add_space_prefix,
@@ -346,7 +352,7 @@ class SyntheticVocabularyTests(unittest.TestCase):
             ({"tokenizer.ggml.model": None}, "model"),
             ({"tokenizer.ggml.model": "bert"}, "unsupported"),
             ({"tokenizer.ggml.merges": None}, "merges"),
-            ({"tokenizer.ggml.tokens": ["a", "a"],
+            ({"tokenizer.ggml.tokens": [b"a", b"a"],
               "tokenizer.ggml.token_type": [1, 1]}, "duplicate"),
         ]
         for change, message in cases:
@@ -363,7 +369,7 @@ class SyntheticVocabularyTests(unittest.TestCase):
 
     def test_add_bos_without_bos_token_raises(self):
         metadata = {"tokenizer.ggml.model": "llama",
-                    "tokenizer.ggml.tokens": ["<unk>"],
+                    "tokenizer.ggml.tokens": [b"<unk>"],
                     "tokenizer.ggml.token_type": [2],
                     "tokenizer.ggml.scores": [0.0]}
         with self.assertRaisesRegex(ValueError, "BOS"):
