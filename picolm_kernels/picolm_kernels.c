@@ -1234,6 +1234,43 @@ static inline __attribute__((always_inline)) void q8_tile(const int type, const 
     for (int r = 0; r < R; r++)
         for (int t = 0; t < T; t++) out[r * ldo + t] = hsum8(acc[r * T + t]) + ms[r * T + t];
 }
+
+/* 8 rows (row_bytes apart) . token t: out[r * ldo]. The products and sums of each row are
+ * q8_tile's; the per-block scalars go 8 rows at a time, one row per lane: the rows' d
+ * converted at once and multiplied by d_x in one vector multiply (each lane the scalar
+ * product), their m*s chains as the lanes of one vector of FMAs */
+static inline __attribute__((always_inline)) void q8_rows8(const int type, const uint8_t *w, int64_t rbytes,
+                                                           const act_t *a, int t, float *out, int ldo) {
+    const int bb = type == T_Q4_1 ? 20 : 34;
+    const int64_t n = a->n, nb = n / 32;
+    const int8_t *yq = a->q8 + (int64_t)t * n;
+    const float *xd = a->d8 + (int64_t)t * nb, *xs = a->s8 + (int64_t)t * nb;
+    __m256 acc[8], ms = _mm256_setzero_ps();
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+#define PK_H8(o)                                                                                         \
+    _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(p + (o)), (short)rd16(p + rbytes + (o)),                   \
+                                   (short)rd16(p + 2 * rbytes + (o)), (short)rd16(p + 3 * rbytes + (o)),   \
+                                   (short)rd16(p + 4 * rbytes + (o)), (short)rd16(p + 5 * rbytes + (o)),   \
+                                   (short)rd16(p + 6 * rbytes + (o)), (short)rd16(p + 7 * rbytes + (o))))
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * bb;
+        const __m256 dd = _mm256_mul_ps(PK_H8(0), _mm256_set1_ps(xd[b]));
+        if (type == T_Q4_1) ms = _mm256_fmadd_ps(PK_H8(2), _mm256_set1_ps(xs[b]), ms);
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(yq + 32 * b));
+#if PK_PREFETCH
+        /* the next 8 rows (contiguous), swept in order over this tile's blocks: 8 interleaved
+         * streams are more than the hardware prefetcher follows */
+        for (int k = 0; k < 8 * bb; k += 64) _mm_prefetch((const char *)w + 8 * rbytes + b * 8 * bb + k, _MM_HINT_T0);
+#endif
+        for (int r = 0; r < 8; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(r)),
+                                     q8_lanes(type, q8_wbytes(type, p + r * rbytes), y), acc[r]);
+    }
+#undef PK_H8
+    float m8[8];
+    _mm256_storeu_ps(m8, ms);
+    for (int r = 0; r < 8; r++) out[r * ldo] = hsum8(acc[r]) + m8[r];
+}
 #endif
 
 /* nr rows from row w (row_bytes apart) . nt tokens from t0: out[r * ldo + t] */
@@ -1241,9 +1278,9 @@ static void q8_dots(int type, const uint8_t *w, int64_t rbytes, int nr, const ac
                     int ldo) {
 #if defined(PK_AVX2)
 #define PK_Q8(T_)                                                                                       \
-    if (nt == 1) { /* one token: four rows at a time */                                                 \
+    if (nt == 1) { /* one token: eight rows at a time */                                                \
         int r = 0;                                                                                      \
-        for (; r + 4 <= nr; r += 4) q8_tile(T_, 4, 1, w + r * rbytes, rbytes, a, t0, out + r * ldo, ldo); \
+        for (; r + 8 <= nr; r += 8) q8_rows8(T_, w + r * rbytes, rbytes, a, t0, out + r * ldo, ldo);      \
         for (; r < nr; r++) q8_tile(T_, 1, 1, w + r * rbytes, rbytes, a, t0, out + r * ldo, ldo);         \
     } else { /* a batch: two rows by four tokens */                                                     \
         int r = 0;                                                                                      \
@@ -1295,6 +1332,32 @@ static inline float expf_ggml(float x) {
     const float s1 = bits_f32(g + 0x7f000000u), s2 = bits_f32(e - g);
     return fabsf(n) > 192.0f ? s1 * s1 : fmaf(s2, j, s2) * s1;
 }
+
+#if defined(PK_AVX2)
+/* expf_ggml on 8 lanes (ggml_v_expf itself); lanes out of the fast path go one by one */
+static inline __m256 expf8_ggml(__m256 x) {
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __m256 k = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(z), 23), _mm256_castps_si256(_mm256_set1_ps(1.0f))));
+    const __m256 big = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), n), _mm256_set1_ps(126.0f), _CMP_GT_OQ);
+    if (_mm256_movemask_ps(big)) {
+        float v[8];
+        _mm256_storeu_ps(v, x);
+        for (int i = 0; i < 8; i++) v[i] = expf_ggml(v[i]);
+        return _mm256_loadu_ps(v);
+    }
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b, _mm256_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
+    return _mm256_fmadd_ps(k, j, k);
+}
+#endif
 
 /* ggml_vec_swiglu_f32's element i of n: silu(g) * u, ggml_v_silu on the 8-wide part,
  * ggml_silu_f32 (libm's expf) on the tail */
@@ -1354,6 +1417,12 @@ static inline float kq_ggml(const uint16_t *k, const float *q, int n) {
         a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 16))), _mm256_loadu_ps(q + i + 16), a2);
         a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 24))), _mm256_loadu_ps(q + i + 24), a3);
     }
+    if (np == n) { /* reduce_f16dot in registers */
+        const __m256 x = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
+        const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        const __m128 t1 = _mm_hadd_ps(t0, t0);
+        return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+    }
     _mm256_storeu_ps(acc, a0);
     _mm256_storeu_ps(acc + 8, a1);
     _mm256_storeu_ps(acc + 16, a2);
@@ -1376,7 +1445,7 @@ static inline float kq_tinyblas(const uint16_t *k, const float *q, int n) {
     __m256 a = _mm256_setzero_ps();
     for (int i = 0; i < n; i += 8)
         a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), _mm256_loadu_ps(q + i), a);
-    _mm256_storeu_ps(acc, a);
+    return hsum8(a);
 #else
     for (int i = 0; i < n; i += 8)
         for (int j = 0; j < 8; j++) acc[j] = fmaf(half_to_float_sw(k[i + j]), q[i + j], acc[j]);
@@ -1414,16 +1483,48 @@ static void attend_ggml(int hd, const float *qh, const uint16_t *K, const uint16
         scratch[p] = w;
         mx = w > mx ? w : mx;
     }
-    for (int p = 0; p < n_pos; p++) scratch[p] = expf_ggml(scratch[p] - mx);
-    for (int p = n_pos; p < ((n_pos + 7) & ~7); p++) scratch[p] = 0.0f;
+    const int padded = (n_pos + 7) & ~7;
+    int p = 0;
+#if defined(PK_AVX2)
+    for (; p + 8 <= n_pos; p += 8)
+        _mm256_storeu_ps(scratch + p, expf8_ggml(_mm256_sub_ps(_mm256_loadu_ps(scratch + p), _mm256_set1_ps(mx))));
+#endif
+    for (; p < n_pos; p++) scratch[p] = expf_ggml(scratch[p] - mx);
+    for (; p < padded; p++) scratch[p] = 0.0f;
     double sum = 0.0;
-    for (int p = 0; p < n_pos; p += 8) sum += (double)hsum8_ggml(scratch + p);
+    for (p = 0; p < n_pos; p += 8) sum += (double)hsum8_ggml(scratch + p);
     const float inv = (float)(1.0 / sum);
-    for (int i = 0; i < lanes * hd; i++) acc[i] = 0.0f;
-    for (int p = 0; p < n_pos; p++)
-        v_accumulate(acc + (p & (lanes - 1)) * hd, round_half(scratch[p] * inv), V + (size_t)p * kvd, hd);
+    p = 0;
+#if defined(PK_AVX2) /* the weights rounded to FP16 (F16C rounds to nearest even too) */
+    for (; p + 8 <= n_pos; p += 8)
+        _mm256_storeu_ps(scratch + p, _mm256_cvtph_ps(_mm256_cvtps_ph(
+                                          _mm256_mul_ps(_mm256_loadu_ps(scratch + p), _mm256_set1_ps(inv)),
+                                          _MM_FROUND_TO_NEAREST_INT)));
+#endif
+    for (; p < n_pos; p++) scratch[p] = round_half(scratch[p] * inv);
+    memset(acc, 0, sizeof(float) * (size_t)lanes * hd);
+    for (p = 0; p < n_pos; p++) v_accumulate(acc + (p & (lanes - 1)) * hd, scratch[p], V + (size_t)p * kvd, hd);
+    int d = 0;
+#if defined(PK_AVX2) /* the reductions above, 8 values of d at a time */
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a[32];
+        for (int j = 0; j < lanes; j++) a[j] = _mm256_loadu_ps(acc + j * hd + d);
+        __m256 r;
+        if (tiny) {
+            r = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+                              _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
+        } else {
+            __m256 x[8];
+            for (int l = 0; l < 8; l++)
+                x[l] = _mm256_add_ps(_mm256_add_ps(a[l], a[16 + l]), _mm256_add_ps(a[8 + l], a[24 + l]));
+            for (int l = 0; l < 4; l++) x[l] = _mm256_add_ps(x[l], x[l + 4]);
+            r = _mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3]));
+        }
+        _mm256_storeu_ps(out + d, r);
+    }
+#endif
     float l[32];
-    for (int d = 0; d < hd; d++) {
+    for (; d < hd; d++) {
         for (int j = 0; j < lanes; j++) l[j] = acc[j * hd + d];
         out[d] = tiny ? hsum8_ggml(l) : reduce_f16dot(l);
     }
@@ -1701,7 +1802,7 @@ static void mm_run(pk_pool *pool, mm_job *job) {
     const int n_mat = job->swiglu ? 1 : job->n_outs;
     for (int o = 0; o < n_mat; o++) total_rows += job->outs[o].w->n_rows;
     int64_t chunk = nth == 1 ? total_rows : total_rows / (nth * 8);
-    if (chunk < 8) chunk = 8;
+    chunk = (chunk + MM_ROWS - 1) / MM_ROWS * MM_ROWS; /* whole tiles (the kernels take 8 rows at a time) */
     job->chunk = chunk;
     job->total_chunks = 0;
     for (int o = 0; o < MM_MAX_OUT; o++) job->n_chunks[o] = 0;
