@@ -275,6 +275,18 @@ class TestTinyModels(unittest.TestCase):
                 two.reset()
                 self.assertEqual(two.eval(seq), want)
 
+    def test_eval_greedy_is_the_argmax(self):
+        tiny, _ = tiny_model("Q8_0")
+        seq = SEQUENCES[0]
+        with self.model(tiny.path, n_ctx=16) as model:
+            logits = model.eval(seq[:4])
+            want = [max(range(len(logits)), key=logits.__getitem__)]
+            logits = model.eval(seq[4:5])
+            want.append(max(range(len(logits)), key=logits.__getitem__))
+            model.reset()
+            self.assertEqual([model.eval_greedy(seq[:4]), model.eval_greedy(seq[4:5])], want)
+            self.assertEqual(model.tokens, seq[:5])
+
     def test_context_limit(self):
         tiny, _ = tiny_model("Q8_0")
         with self.model(tiny.path, n_ctx=4) as model:
