@@ -1143,6 +1143,28 @@ static inline float round_half(float f) { return half_to_float_sw(float_to_half_
 static void quantize_q8(const float *x, int64_t n, int8_t *q, float *d, float *s) {
     for (int64_t b = 0; b < n / 32; b++) {
         const float *xb = x + 32 * b;
+#if defined(PK_AVX2)
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        __m256i i32[4];
+        for (int i = 0; i < 4; i++)
+            i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)), PK_RN));
+        const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        const int sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+        /* packs work within 128-bit lanes: the permutation puts the bytes back in order */
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+        _mm256_storeu_si256((__m256i *)(q + 32 * b),
+                            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
         float amax = 0.0f;
         for (int j = 0; j < 32; j++) {
             const float a = fabsf(xb[j]);
@@ -1155,6 +1177,7 @@ static void quantize_q8(const float *x, int64_t n, int8_t *q, float *d, float *s
             q[32 * b + j] = (int8_t)v;
             sum += v;
         }
+#endif
         d[b] = round_half(dd);
         s[b] = round_half(dd * (float)sum);
     }
@@ -1364,6 +1387,27 @@ static inline __m256 expf8_ggml(__m256 x) {
 static inline float swiglu_ggml(float g, float u, int64_t i, int64_t n) {
     const float e = i < (n & ~(int64_t)7) ? expf_ggml(0.0f - g) : expf(-g);
     return g / (1.0f + e) * u;
+}
+
+/* y[i * ldy] = swiglu_ggml(g[i * ld], u[i * ld], r0 + i, n) for i < cnt */
+static void swiglu_rows(const float *g, const float *u, int ld, int64_t r0, int cnt, int64_t n, float *y,
+                        int64_t ldy) {
+    int i = 0;
+#if defined(PK_AVX2)
+    for (; i + 8 <= cnt && r0 + i + 8 <= (n & ~(int64_t)7); i += 8) {
+        float gv[8], uv[8], out[8];
+        for (int k = 0; k < 8; k++) {
+            gv[k] = g[(i + k) * ld];
+            uv[k] = u[(i + k) * ld];
+        }
+        const __m256 x = _mm256_loadu_ps(gv);
+        const __m256 e = expf8_ggml(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                            _mm256_loadu_ps(uv)));
+        for (int k = 0; k < 8; k++) y[(i + k) * ldy] = out[k];
+    }
+#endif
+    for (; i < cnt; i++) y[i * ldy] = swiglu_ggml(g[i * ld], u[i * ld], r0 + i, n);
 }
 
 /* ggml_compute_forward_rms_norm_f32 followed by ggml_mul with the weight */
@@ -1783,11 +1827,14 @@ static void mm_task(void *arg, int ith, int nth) {
                 tile_dots(w, rb, (int)(re - rb), &job->a, t0, tn, job->use_qa, g + t0);
                 if (job->swiglu) tile_dots(job->outs[1].w, rb, (int)(re - rb), &job->a, t0, tn, job->use_qa, u + t0);
             }
+            if (job->swiglu) {
+                for (int t = 0; t < nt; t++)
+                    swiglu_rows(g + t, u + t, MM_MAX_TOK, rb, (int)(re - rb), w->n_rows, out->y + t * out->ldy + rb, 1);
+                continue;
+            }
             for (int64_t r = rb; r < re; r++) {
-                const float *gr = g + (r - rb) * MM_MAX_TOK, *ur = u + (r - rb) * MM_MAX_TOK;
-                if (job->swiglu)
-                    for (int t = 0; t < nt; t++) out->y[t * out->ldy + r] = swiglu_ggml(gr[t], ur[t], r, w->n_rows);
-                else if (out->add)
+                const float *gr = g + (r - rb) * MM_MAX_TOK;
+                if (out->add)
                     for (int t = 0; t < nt; t++) out->y[t * out->ldy + r] += gr[t];
                 else
                     for (int t = 0; t < nt; t++) out->y[t * out->ldy + r] = gr[t];
