@@ -1277,8 +1277,22 @@ static inline __attribute__((always_inline)) void q8_rows8(const int type, const
                                    (short)rd16(p + 6 * rbytes + (o)), (short)rd16(p + 7 * rbytes + (o))))
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = w + b * bb;
-        const __m256 dd = _mm256_mul_ps(PK_H8(0), _mm256_set1_ps(xd[b]));
-        if (type == T_Q4_1) ms = _mm256_fmadd_ps(PK_H8(2), _mm256_set1_ps(xs[b]), ms);
+        __m256 dw;
+        if (type == T_Q4_1) { /* d and m are adjacent: one 32-bit load per row, then split */
+            const __m256i dm = _mm256_setr_epi32((int)rd32(p), (int)rd32(p + rbytes), (int)rd32(p + 2 * rbytes),
+                                                 (int)rd32(p + 3 * rbytes), (int)rd32(p + 4 * rbytes),
+                                                 (int)rd32(p + 5 * rbytes), (int)rd32(p + 6 * rbytes),
+                                                 (int)rd32(p + 7 * rbytes));
+            const __m256i split = _mm256_permute4x64_epi64(
+                _mm256_shuffle_epi8(dm, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5,
+                                                         8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)),
+                0xD8);
+            dw = _mm256_cvtph_ps(_mm256_castsi256_si128(split));
+            ms = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(split, 1)), _mm256_set1_ps(xs[b]), ms);
+        } else {
+            dw = PK_H8(0);
+        }
+        const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(xd[b]));
         const __m256i y = _mm256_loadu_si256((const __m256i *)(yq + 32 * b));
 #if PK_PREFETCH
         /* the next 8 rows (contiguous), swept in order over this tile's blocks: 8 interleaved
