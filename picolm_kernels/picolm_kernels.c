@@ -1863,7 +1863,7 @@ static void mm_run(pk_pool *pool, mm_job *job) {
     const int n_mat = job->swiglu ? 1 : job->n_outs;
     for (int o = 0; o < n_mat; o++) total_rows += job->outs[o].w->n_rows;
     int64_t chunk = nth == 1 ? total_rows : total_rows / (nth * 8);
-    chunk = (chunk + MM_ROWS - 1) / MM_ROWS * MM_ROWS; /* whole tiles (the kernels take 8 rows at a time) */
+    chunk = chunk < MM_ROWS ? MM_ROWS : (chunk + MM_ROWS - 1) / MM_ROWS * MM_ROWS; /* whole tiles */
     job->chunk = chunk;
     job->total_chunks = 0;
     for (int o = 0; o < MM_MAX_OUT; o++) job->n_chunks[o] = 0;
