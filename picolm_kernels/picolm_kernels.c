@@ -4,16 +4,20 @@
  * Built by tools/build_accel.py into a shared library that picolm_kernels/__init__.py loads
  * with ctypes. It holds:
  *   - exact row dequantization for every type picolm reads (bit-identical to ggml's),
- *   - fused dequantize-and-dot kernels, two families:
+ *   - fused dequantize-and-dot kernels, three families:
  *       "float": the activations stay in float (error ~1e-7 relative), every type;
+ *       "q8":    Q4_1 and Q8_0 compute llama.cpp's own float operations: activations in
+ *                its 8-bit blocks, its lane order and FMAs (see "ggml's arithmetic"), so
+ *                the results equal ggml's bit for bit;
  *       "qa":    the activations are quantized to 16-bit integers in blocks of 32 (a float
- *                scale per block) and the products are integer (llama.cpp does the same
- *                with 8 bits); Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL. Error bound of a
- *                dot: sum over blocks b of amax_b / 65534 * sum |w_i| over the block
- *                (at most 8.6e-5 of |row|*|x|, typically ~1e-6),
+ *                scale per block) and the products are integer; Q4_0, Q5_0, Q5_1, IQ4_NL
+ *                (and the K-quants with AVX2). Error bound of a dot: sum over blocks b of
+ *                amax_b / 65534 * sum |w_i| over the block (at most 8.6e-5 of |row|*|x|,
+ *                typically ~1e-6); pk_type_has_qa() gives 8, 16 or 0 (float),
  *   - a persistent thread pool (spin briefly, then sleep on a condition variable),
  *   - a whole-token (and batched-prefill) LLaMA forward pass reading the weights from a
- *     read-only map of the model file and the KV cache from a caller-owned FP16 buffer.
+ *     read-only map of the model file and the KV cache from a caller-owned FP16 buffer, in
+ *     ggml's float operations (RMSNorm, RoPE, attention, SwiGLU; see "ggml's arithmetic").
  *
  * SIMD: AVX2+FMA+F16C on x86 when the compiler targets them, SSE2 otherwise on x86-64,
  * NEON on ARM, plain C elsewhere (or with -DPK_NO_SIMD); pk_isa() names the one compiled in.
