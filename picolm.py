@@ -3760,6 +3760,14 @@ class Model:
 
     def eval(self, ids):
         """Feeds `ids` after the tokens already evaluated; returns the last position's logits."""
+        return self._feed(ids, greedy=False)
+
+    def eval_greedy(self, ids):
+        """eval(), returning only the index of the largest logit (the first of equal ones,
+        as Sampler picks at temperature 0); with the accelerator no list of logits is made."""
+        return self._feed(ids, greedy=True)
+
+    def _feed(self, ids, greedy):
         ids = list(ids)
         if not ids:
             raise ValueError("eval needs at least one token")
@@ -3770,14 +3778,17 @@ class Model:
             raise ContextFull("%d tokens do not fit the context of %d"
                               % (len(self.tokens) + len(ids), self.n_ctx))
         if self.accel is not None:  # the whole batch in one call
-            logits = self.accel.forward(ids, len(self.tokens), want_logits=True)
+            if greedy:
+                result = self.accel.forward_argmax(ids, len(self.tokens))
+            else:
+                result = self.accel.forward(ids, len(self.tokens), want_logits=True)
             self.tokens.extend(ids)
-            return logits
+            return result
         logits = None
         for i, token in enumerate(ids):
             logits = self.forward(token, len(self.tokens), want_logits=i == len(ids) - 1)
             self.tokens.append(token)
-        return logits
+        return max(range(len(logits)), key=logits.__getitem__) if greedy else logits
 
     def reset(self):
         """Forgets every evaluated token (the cache is simply overwritten later)."""
@@ -3821,7 +3832,12 @@ class Model:
                 print("picolm: Skipping %d cached prompt tokens" % reused, file=sys.stderr,
                       flush=True)
         stats["cached_tokens"] = reused
-        logits = self.eval(prompt[reused:])
+        # greedy and unconstrained: only the argmax is needed, never the list of logits
+        argmax_only = grammar is None and temperature <= 0.0
+        if argmax_only:
+            best = self.eval_greedy(prompt[reused:])
+        else:
+            logits = self.eval(prompt[reused:])
         if cache is not None and getattr(self, "_state_tokens", None) != list(prompt):
             self.save_state(cache, prompt)
         stats["prompt_tokens"] = len(prompt)
@@ -3830,7 +3846,9 @@ class Model:
         gen_start = time.perf_counter()
         constraint = JsonConstraint(self.tokenizer, grammar) if grammar is not None else None
         for n in range(max_tokens):
-            if constraint is None:
+            if argmax_only:
+                token = best
+            elif constraint is None:
                 token = sampler.sample(logits)
             else:
                 budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
@@ -3854,7 +3872,10 @@ class Model:
             if len(self.tokens) >= self.n_ctx:
                 stats["stop"] = "context full"
                 break
-            logits = self.eval([token])
+            if argmax_only:
+                best = self.eval_greedy([token])
+            else:
+                logits = self.eval([token])
         tail = decoder.flush()
         if tail:
             yield tail

@@ -4,16 +4,20 @@
  * Built by tools/build_accel.py into a shared library that picolm_kernels/__init__.py loads
  * with ctypes. It holds:
  *   - exact row dequantization for every type picolm reads (bit-identical to ggml's),
- *   - fused dequantize-and-dot kernels, two families:
+ *   - fused dequantize-and-dot kernels, three families:
  *       "float": the activations stay in float (error ~1e-7 relative), every type;
+ *       "q8":    Q4_1 and Q8_0 compute llama.cpp's own float operations: activations in
+ *                its 8-bit blocks, its lane order and FMAs (see "ggml's arithmetic"), so
+ *                the results equal ggml's bit for bit;
  *       "qa":    the activations are quantized to 16-bit integers in blocks of 32 (a float
- *                scale per block) and the products are integer (llama.cpp does the same
- *                with 8 bits); Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL. Error bound of a
- *                dot: sum over blocks b of amax_b / 65534 * sum |w_i| over the block
- *                (at most 8.6e-5 of |row|*|x|, typically ~1e-6),
+ *                scale per block) and the products are integer; Q4_0, Q5_0, Q5_1, IQ4_NL
+ *                (and the K-quants with AVX2). Error bound of a dot: sum over blocks b of
+ *                amax_b / 65534 * sum |w_i| over the block (at most 8.6e-5 of |row|*|x|,
+ *                typically ~1e-6); pk_type_has_qa() gives 8, 16 or 0 (float),
  *   - a persistent thread pool (spin briefly, then sleep on a condition variable),
  *   - a whole-token (and batched-prefill) LLaMA forward pass reading the weights from a
- *     read-only map of the model file and the KV cache from a caller-owned FP16 buffer.
+ *     read-only map of the model file and the KV cache from a caller-owned FP16 buffer, in
+ *     ggml's float operations (RMSNorm, RoPE, attention, SwiGLU; see "ggml's arithmetic").
  *
  * SIMD: AVX2+FMA+F16C on x86 when the compiler targets them, SSE2 otherwise on x86-64,
  * NEON on ARM, plain C elsewhere (or with -DPK_NO_SIMD); pk_isa() names the one compiled in.
@@ -83,12 +87,13 @@
 #endif
 
 #define PK_EXPORT __attribute__((visibility("default")))
-#define ATT_CHUNK 64 /* attention positions per online-softmax step */
-#define ATT_SCRATCH(hd) (ATT_CHUNK + 2 * (hd) + 16) /* floats of attention scratch per thread */
+/* floats of attention scratch per thread: q, the 32 accumulator rows, the weights */
+#define ATT_SCRATCH(m) ((size_t)33 * (m)->head_dim + (m)->n_ctx + 16)
 #ifndef PK_PREFETCH
 #define PK_PREFETCH 1024 /* bytes ahead to prefetch weights (0: leave it to the hardware) */
 #endif
 #define PK_VERSION 1
+#define LLAMA_UBATCH 512 /* llama.cpp's default micro-batch (n_ubatch) */
 
 /* ------------------------------------------------------------------------------------ */
 /* Identification                                                                        */
@@ -150,14 +155,18 @@ static int type_block(int type, int *bytes) {
     return bs;
 }
 
-/* 1 if the type has an integer kernel for quantized activations */
+/* The bits of the quantized activations the type's integer kernel takes: 8 for the types
+ * computed with llama.cpp's own arithmetic (8-bit blocks, see "ggml's arithmetic"), 16 for
+ * the other integer kernels, 0 when the activations stay in float */
 static int type_has_qa(int type) {
     switch (type) {
-    case T_Q4_0: case T_Q4_1: case T_Q5_0: case T_Q5_1: case T_Q8_0: case T_IQ4_NL:
-        return 1;
+    case T_Q4_1: case T_Q8_0:
+        return 8;
+    case T_Q4_0: case T_Q5_0: case T_Q5_1: case T_IQ4_NL:
+        return 16;
 #if defined(PK_AVX2) /* the K-quant integer kernels are AVX2 only; elsewhere float */
     case T_Q4_K: case T_Q5_K: case T_Q6_K:
-        return 1;
+        return 16;
 #endif
     default:
         return 0;
@@ -634,6 +643,8 @@ typedef struct {
     const float *d;   /* n/32 scales per token */
     const float *s;   /* n/32 scaled sums per token */
     const float *dT, *sT; /* d and s transposed: [block][token], n_tok per block */
+    const int8_t *q8;     /* 8-bit blocks as ggml's Q8_0/Q8_1 (or NULL), n per token */
+    const float *d8, *s8; /* their scales and scaled sums (FP16 values), n/32 per token */
     int64_t n;
     int n_tok;
 } act_t;
@@ -1111,6 +1122,477 @@ static void dot_qa(int type, const uint8_t *w, const act_t *a, int t0, int nt, f
 }
 
 /* ------------------------------------------------------------------------------------ */
+/* ggml's arithmetic                                                                     */
+/*
+ * llama.cpp (ggml's CPU backend with AVX2+FMA) rounds every activation that enters a Q4_1
+ * or Q8_0 matrix to 8-bit blocks, and those roundings are discontinuous: any difference in
+ * the last bit of a float upstream moves its logits by 0.1-0.4. To choose the tokens it
+ * chooses, the forward pass repeats its float operations exactly, in its order:
+ *   - activations: blocks of 32, d = amax/127, q = round-to-even(x * (127/amax)), and for
+ *     Q8_1 s = d * sum(q); d and s are stored as FP16;
+ *   - a dot product: per block, 8 integer lanes of 4 consecutive products, each lane
+ *     fused-multiply-added (scale d_w*d_x) into its own float accumulator; then the 8
+ *     accumulators summed pairwise (hsum8); Q4_1's m*s terms in a separate fused chain,
+ *     added last;
+ *   - its exp (ggml_v_expf), SiLU, softmax, FP16 dot products (four 8-lane accumulators),
+ *     RMSNorm (double sum of float squares) and RoPE (float angle recurrence, cosf/sinf).
+ * Each function below states which ggml routine it repeats; the facts come from ggml's
+ * sources, the code is ours. Every result is computed whole by one thread, so the bits
+ * depend neither on the thread count nor on how tokens are batched.
+ */
+
+static inline float round_half(float f) { return half_to_float_sw(float_to_half_sw(f)); }
+
+/* quantize_row_q8_1 (its d and q are quantize_row_q8_0's) */
+static void quantize_q8(const float *x, int64_t n, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < n / 32; b++) {
+        const float *xb = x + 32 * b;
+#if defined(PK_AVX2)
+        __m256 v[4], mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(xb + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1)));
+        const float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        __m256i i32[4];
+        for (int i = 0; i < 4; i++)
+            i32[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], _mm256_set1_ps(id)), PK_RN));
+        const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        const int sum = _mm_cvtsi128_si32(_mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1)));
+        /* packs work within 128-bit lanes: the permutation puts the bytes back in order */
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+        _mm256_storeu_si256((__m256i *)(q + 32 * b),
+                            _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+#else
+        float amax = 0.0f;
+        for (int j = 0; j < 32; j++) {
+            const float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+        }
+        const float dd = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < 32; j++) {
+            const int v = (int)lrintf(xb[j] * id); /* the default rounding: to nearest even */
+            q[32 * b + j] = (int8_t)v;
+            sum += v;
+        }
+#endif
+        d[b] = round_half(dd);
+        s[b] = round_half(dd * (float)sum);
+    }
+}
+
+/* hsum_float_8: (l0+l4 + l2+l6) + (l1+l5 + l3+l7) */
+static inline float hsum8_ggml(const float *l) {
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+/* the 8 integer lanes (4 consecutive products each) of one Q4_1 or Q8_0 block . Q8 block */
+static inline void q8_block_lanes(const int type, const uint8_t *blk, const int8_t *y, int32_t *lane) {
+    int w[32];
+    if (type == T_Q4_1)
+        for (int j = 0; j < 16; j++) {
+            w[j] = blk[4 + j] & 15;
+            w[j + 16] = blk[4 + j] >> 4;
+        }
+    else
+        for (int j = 0; j < 32; j++) w[j] = (int8_t)blk[2 + j];
+    for (int k = 0; k < 8; k++)
+        lane[k] = w[4 * k] * y[4 * k] + w[4 * k + 1] * y[4 * k + 1] + w[4 * k + 2] * y[4 * k + 2] +
+                  w[4 * k + 3] * y[4 * k + 3];
+}
+
+#if defined(PK_AVX2)
+/* a block's 32 weights as bytes in element order: 0..15 for Q4_1, signed for Q8_0 */
+static inline __attribute__((always_inline)) __m256i q8_wbytes(const int type, const uint8_t *blk) {
+    if (type == T_Q4_1) {
+        const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + 4));
+        return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(15));
+    }
+    return _mm256_loadu_si256((const __m256i *)(blk + 2));
+}
+
+/* mul_sum_us8_pairs_float / mul_sum_i8_pairs_float: the 8 lanes as floats */
+static inline __attribute__((always_inline)) __m256 q8_lanes(const int type, __m256i w, __m256i y) {
+    const __m256i p = type == T_Q4_1 ? _mm256_maddubs_epi16(w, y)
+                                     : _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(y, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+/* R rows (row_bytes apart) . T tokens: out[r * ldo + t]; the rows' blocks are read once for
+ * all T tokens and the R*T accumulator chains run side by side */
+static inline __attribute__((always_inline)) void q8_tile(const int type, const int R, const int T,
+                                                          const uint8_t *w, int64_t rbytes, const act_t *a,
+                                                          int t0, float *out, int ldo) {
+    const int bb = type == T_Q4_1 ? 20 : 34;
+    const int64_t n = a->n, nb = n / 32;
+    __m256 acc[8];
+    float ms[8];
+    for (int i = 0; i < R * T; i++) {
+        acc[i] = _mm256_setzero_ps();
+        ms[i] = 0.0f;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i wv[4];
+        float dw[4], mw[4];
+        for (int r = 0; r < R; r++) {
+            const uint8_t *blk = w + r * rbytes + b * bb;
+#if PK_PREFETCH
+            _mm_prefetch((const char *)blk + PK_PREFETCH, _MM_HINT_T0);
+#endif
+            wv[r] = q8_wbytes(type, blk);
+            dw[r] = h2f(blk);
+            mw[r] = type == T_Q4_1 ? h2f(blk + 2) : 0.0f;
+        }
+        for (int t = 0; t < T; t++) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(a->q8 + (int64_t)(t0 + t) * n + 32 * b));
+            const float dx = a->d8[(int64_t)(t0 + t) * nb + b], sx = a->s8[(int64_t)(t0 + t) * nb + b];
+            for (int r = 0; r < R; r++) {
+                acc[r * T + t] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * dx), q8_lanes(type, wv[r], y), acc[r * T + t]);
+                if (type == T_Q4_1) ms[r * T + t] = fmaf(mw[r], sx, ms[r * T + t]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int t = 0; t < T; t++) out[r * ldo + t] = hsum8(acc[r * T + t]) + ms[r * T + t];
+}
+
+/* 8 rows (row_bytes apart) . token t: out[r * ldo]. The products and sums of each row are
+ * q8_tile's; the per-block scalars go 8 rows at a time, one row per lane: the rows' d
+ * converted at once and multiplied by d_x in one vector multiply (each lane the scalar
+ * product), their m*s chains as the lanes of one vector of FMAs */
+static inline __attribute__((always_inline)) void q8_rows8(const int type, const uint8_t *w, int64_t rbytes,
+                                                           const act_t *a, int t, float *out, int ldo) {
+    const int bb = type == T_Q4_1 ? 20 : 34;
+    const int64_t n = a->n, nb = n / 32;
+    const int8_t *yq = a->q8 + (int64_t)t * n;
+    const float *xd = a->d8 + (int64_t)t * nb, *xs = a->s8 + (int64_t)t * nb;
+    __m256 acc[8], ms = _mm256_setzero_ps();
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+#define PK_H8(o)                                                                                         \
+    _mm256_cvtph_ps(_mm_setr_epi16((short)rd16(p + (o)), (short)rd16(p + rbytes + (o)),                   \
+                                   (short)rd16(p + 2 * rbytes + (o)), (short)rd16(p + 3 * rbytes + (o)),   \
+                                   (short)rd16(p + 4 * rbytes + (o)), (short)rd16(p + 5 * rbytes + (o)),   \
+                                   (short)rd16(p + 6 * rbytes + (o)), (short)rd16(p + 7 * rbytes + (o))))
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = w + b * bb;
+        __m256 dw;
+        if (type == T_Q4_1) { /* d and m are adjacent: one 32-bit load per row, then split */
+            const __m256i dm = _mm256_setr_epi32((int)rd32(p), (int)rd32(p + rbytes), (int)rd32(p + 2 * rbytes),
+                                                 (int)rd32(p + 3 * rbytes), (int)rd32(p + 4 * rbytes),
+                                                 (int)rd32(p + 5 * rbytes), (int)rd32(p + 6 * rbytes),
+                                                 (int)rd32(p + 7 * rbytes));
+            const __m256i split = _mm256_permute4x64_epi64(
+                _mm256_shuffle_epi8(dm, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5,
+                                                         8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15)),
+                0xD8);
+            dw = _mm256_cvtph_ps(_mm256_castsi256_si128(split));
+            ms = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(split, 1)), _mm256_set1_ps(xs[b]), ms);
+        } else {
+            dw = PK_H8(0);
+        }
+        const __m256 dd = _mm256_mul_ps(dw, _mm256_set1_ps(xd[b]));
+        const __m256i y = _mm256_loadu_si256((const __m256i *)(yq + 32 * b));
+#if PK_PREFETCH
+        /* the next 8 rows (contiguous), swept in order over this tile's blocks: 8 interleaved
+         * streams are more than the hardware prefetcher follows */
+        for (int k = 0; k < 8 * bb; k += 64) _mm_prefetch((const char *)w + 8 * rbytes + b * 8 * bb + k, _MM_HINT_T0);
+#endif
+        for (int r = 0; r < 8; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(r)),
+                                     q8_lanes(type, q8_wbytes(type, p + r * rbytes), y), acc[r]);
+    }
+#undef PK_H8
+    float m8[8];
+    _mm256_storeu_ps(m8, ms);
+    for (int r = 0; r < 8; r++) out[r * ldo] = hsum8(acc[r]) + m8[r];
+}
+#endif
+
+/* nr rows from row w (row_bytes apart) . nt tokens from t0: out[r * ldo + t] */
+static void q8_dots(int type, const uint8_t *w, int64_t rbytes, int nr, const act_t *a, int t0, int nt, float *out,
+                    int ldo) {
+#if defined(PK_AVX2)
+#define PK_Q8(T_)                                                                                       \
+    if (nt == 1) { /* one token: eight rows at a time */                                                \
+        int r = 0;                                                                                      \
+        for (; r + 8 <= nr; r += 8) q8_rows8(T_, w + r * rbytes, rbytes, a, t0, out + r * ldo, ldo);      \
+        for (; r < nr; r++) q8_tile(T_, 1, 1, w + r * rbytes, rbytes, a, t0, out + r * ldo, ldo);         \
+    } else { /* a batch: two rows by four tokens */                                                     \
+        int r = 0;                                                                                      \
+        for (; r + 2 <= nr; r += 2) {                                                                   \
+            int t = 0;                                                                                  \
+            for (; t + 4 <= nt; t += 4) q8_tile(T_, 2, 4, w + r * rbytes, rbytes, a, t0 + t, out + r * ldo + t, ldo); \
+            for (; t < nt; t++) q8_tile(T_, 2, 1, w + r * rbytes, rbytes, a, t0 + t, out + r * ldo + t, ldo); \
+        }                                                                                               \
+        for (; r < nr; r++)                                                                             \
+            for (int t = 0; t < nt; t++) q8_tile(T_, 1, 1, w + r * rbytes, rbytes, a, t0 + t, out + r * ldo + t, ldo); \
+    }                                                                                                   \
+    return;
+    if (type == T_Q4_1) { PK_Q8(T_Q4_1) }
+    PK_Q8(T_Q8_0)
+#undef PK_Q8
+#else
+    const int bb = type == T_Q4_1 ? 20 : 34;
+    const int64_t n = a->n, nb = n / 32;
+    for (int r = 0; r < nr; r++)
+        for (int t = t0; t < t0 + nt; t++) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, ms = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = w + r * rbytes + b * bb;
+                int32_t lane[8];
+                q8_block_lanes(type, blk, a->q8 + (int64_t)t * n + 32 * b, lane);
+                const float dd = h2f(blk) * a->d8[(int64_t)t * nb + b];
+                for (int k = 0; k < 8; k++) acc[k] = fmaf(dd, (float)lane[k], acc[k]);
+                if (type == T_Q4_1) ms = fmaf(h2f(blk + 2), a->s8[(int64_t)t * nb + b], ms);
+            }
+            out[r * ldo + (t - t0)] = hsum8_ggml(acc) + ms;
+        }
+#endif
+}
+
+/* ggml_v_expf, one lane (the lanes are independent): e^x from 2^n times a polynomial */
+static inline float expf_ggml(float x) {
+    const float r = 0x1.8p23f;
+    const float z = fmaf(x, 0x1.715476p+0f, r);
+    const float n = z - r;
+    const float b = fmaf(-n, 0x1.7f7d1cp-20f, fmaf(-n, 0x1.62e4p-1f, x));
+    const uint32_t e = f32_bits(z) << 23;
+    const float k = bits_f32(e + f32_bits(1.0f));
+    const float u = b * b;
+    const float j = fmaf(fmaf(fmaf(0x1.0e4020p-7f, b, 0x1.573e2ep-5f), u, fmaf(0x1.555e66p-3f, b, 0x1.fffdb6p-2f)), u,
+                         0x1.ffffecp-1f * b);
+    if (!(fabsf(n) > 126.0f)) return fmaf(k, j, k);
+    /* 2^n out of float range for k: scaled in two steps, or saturated past 192 */
+    const uint32_t g = n <= 0.0f ? 0x82000000u : 0u;
+    const float s1 = bits_f32(g + 0x7f000000u), s2 = bits_f32(e - g);
+    return fabsf(n) > 192.0f ? s1 * s1 : fmaf(s2, j, s2) * s1;
+}
+
+#if defined(PK_AVX2)
+/* expf_ggml on 8 lanes (ggml_v_expf itself); lanes out of the fast path go one by one */
+static inline __m256 expf8_ggml(__m256 x) {
+    const __m256 r = _mm256_set1_ps(0x1.8p23f);
+    const __m256 z = _mm256_fmadd_ps(x, _mm256_set1_ps(0x1.715476p+0f), r);
+    const __m256 n = _mm256_sub_ps(z, r);
+    const __m256 b = _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.7f7d1cp-20f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0x1.62e4p-1f), x));
+    const __m256 k = _mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_slli_epi32(_mm256_castps_si256(z), 23), _mm256_castps_si256(_mm256_set1_ps(1.0f))));
+    const __m256 big = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), n), _mm256_set1_ps(126.0f), _CMP_GT_OQ);
+    if (_mm256_movemask_ps(big)) {
+        float v[8];
+        _mm256_storeu_ps(v, x);
+        for (int i = 0; i < 8; i++) v[i] = expf_ggml(v[i]);
+        return _mm256_loadu_ps(v);
+    }
+    const __m256 u = _mm256_mul_ps(b, b);
+    const __m256 j = _mm256_fmadd_ps(
+        _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_set1_ps(0x1.0e4020p-7f), b, _mm256_set1_ps(0x1.573e2ep-5f)), u,
+                        _mm256_fmadd_ps(_mm256_set1_ps(0x1.555e66p-3f), b, _mm256_set1_ps(0x1.fffdb6p-2f))),
+        u, _mm256_mul_ps(_mm256_set1_ps(0x1.ffffecp-1f), b));
+    return _mm256_fmadd_ps(k, j, k);
+}
+#endif
+
+/* ggml_vec_swiglu_f32's element i of n: silu(g) * u, ggml_v_silu on the 8-wide part,
+ * ggml_silu_f32 (libm's expf) on the tail */
+static inline float swiglu_ggml(float g, float u, int64_t i, int64_t n) {
+    const float e = i < (n & ~(int64_t)7) ? expf_ggml(0.0f - g) : expf(-g);
+    return g / (1.0f + e) * u;
+}
+
+/* y[i * ldy] = swiglu_ggml(g[i * ld], u[i * ld], r0 + i, n) for i < cnt */
+static void swiglu_rows(const float *g, const float *u, int ld, int64_t r0, int cnt, int64_t n, float *y,
+                        int64_t ldy) {
+    int i = 0;
+#if defined(PK_AVX2)
+    for (; i + 8 <= cnt && r0 + i + 8 <= (n & ~(int64_t)7); i += 8) {
+        float gv[8], uv[8], out[8];
+        for (int k = 0; k < 8; k++) {
+            gv[k] = g[(i + k) * ld];
+            uv[k] = u[(i + k) * ld];
+        }
+        const __m256 x = _mm256_loadu_ps(gv);
+        const __m256 e = expf8_ggml(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
+                                            _mm256_loadu_ps(uv)));
+        for (int k = 0; k < 8; k++) y[(i + k) * ldy] = out[k];
+    }
+#endif
+    for (; i < cnt; i++) y[i * ldy] = swiglu_ggml(g[i * ld], u[i * ld], r0 + i, n);
+}
+
+/* ggml_compute_forward_rms_norm_f32 followed by ggml_mul with the weight */
+static void rmsnorm_ggml(const float *x, const float *w, float *out, int n, float eps) {
+    double sum = 0.0;
+    for (int i = 0; i < n; i++) sum += (double)(x[i] * x[i]);
+    const float mean = (float)(sum / n);
+    const float scale = 1.0f / sqrtf(mean + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
+}
+
+/* ggml_rope_cache_init (no YaRN): theta = pos * theta_scale^i by float recurrence,
+ * divided by the frequency factor, times freq_scale; cosf and sinf of it */
+static void rope_table_ggml(float *cos_out, float *sin_out, int pos, int half, int rope_dim, float base,
+                            float freq_scale, const float *freq_factors) {
+    const float theta_scale = powf(base, -2.0f / (float)rope_dim);
+    float theta = (float)pos;
+    for (int i = 0; i < half; i++) {
+        const float t = freq_scale * (theta / (freq_factors ? freq_factors[i] : 1.0f));
+        cos_out[i] = cosf(t);
+        sin_out[i] = sinf(t);
+        theta *= theta_scale;
+    }
+}
+
+/* ggml's rotation as compiled (contracted): x0*c - x1*s and x0*s + x1*c, each one FMA */
+static inline void rotate_ggml(float *a, float *b, float c, float s) {
+    const float x0 = *a, x1 = *b;
+    *a = fmaf(x0, c, -(x1 * s));
+    *b = fmaf(x0, s, x1 * c);
+}
+
+/* ggml_vec_dot_f16's reduction of its four 8-lane accumulators acc[32] */
+static inline float reduce_f16dot(const float *acc) {
+    float x[8], t[4];
+    for (int l = 0; l < 8; l++) x[l] = (acc[l] + acc[16 + l]) + (acc[8 + l] + acc[24 + l]);
+    for (int l = 0; l < 4; l++) t[l] = x[l] + x[l + 4];
+    return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+/* ggml_vec_dot_f16 of a cached K row (FP16) with q (FP16 values as floats): 32-element
+ * steps into the four accumulators, a tail beyond them in double */
+static inline float kq_ggml(const uint16_t *k, const float *q, int n) {
+    const int np = n & ~31;
+    float acc[32];
+#if defined(PK_AVX2)
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int i = 0; i < np; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), _mm256_loadu_ps(q + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 8))), _mm256_loadu_ps(q + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 16))), _mm256_loadu_ps(q + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 24))), _mm256_loadu_ps(q + i + 24), a3);
+    }
+    if (np == n) { /* reduce_f16dot in registers */
+        const __m256 x = _mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3));
+        const __m128 t0 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        const __m128 t1 = _mm_hadd_ps(t0, t0);
+        return _mm_cvtss_f32(_mm_hadd_ps(t1, t1));
+    }
+    _mm256_storeu_ps(acc, a0);
+    _mm256_storeu_ps(acc + 8, a1);
+    _mm256_storeu_ps(acc + 16, a2);
+    _mm256_storeu_ps(acc + 24, a3);
+#else
+    for (int j = 0; j < 32; j++) acc[j] = 0.0f;
+    for (int i = 0; i < np; i += 32)
+        for (int j = 0; j < 32; j++) acc[j] = fmaf(half_to_float_sw(k[i + j]), q[i + j], acc[j]);
+#endif
+    double sum = reduce_f16dot(acc);
+    for (int i = np; i < n; i++) sum += (double)(half_to_float_sw(k[i]) * q[i]);
+    return (float)sum;
+}
+
+/* llamafile_sgemm's (tinyBLAS) FP16 dot, which llama.cpp's batches use instead: one 8-lane
+ * accumulator over 8-element steps, then hsum8 (n a multiple of 8) */
+static inline float kq_tinyblas(const uint16_t *k, const float *q, int n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#if defined(PK_AVX2)
+    __m256 a = _mm256_setzero_ps();
+    for (int i = 0; i < n; i += 8)
+        a = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), _mm256_loadu_ps(q + i), a);
+    return hsum8(a);
+#else
+    for (int i = 0; i < n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] = fmaf(half_to_float_sw(k[i + j]), q[i + j], acc[j]);
+#endif
+    return hsum8_ggml(acc);
+}
+
+/* acc[(p % lanes) * n + d] += w * V[p][d] for d < n: position p's share of a dot product
+ * over positions with `lanes` accumulators (V is transposed in llama.cpp; here each
+ * accumulator is a row of n) */
+static inline void v_accumulate(float *acc, float w, const uint16_t *v, int n) {
+    int d = 0;
+#if defined(PK_AVX2)
+    const __m256 wv = _mm256_set1_ps(w);
+    for (; d + 8 <= n; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + d))), wv,
+                                                  _mm256_loadu_ps(acc + d)));
+#endif
+    for (; d < n; d++) acc[d] = fmaf(half_to_float_sw(v[d]), w, acc[d]);
+}
+
+/* One head of ggml's attention without flash attention, for a query at the last of n_pos
+ * positions: kq = K.q (q as FP16), ggml_soft_max_ext (scale; ggml_vec_soft_max_f32 sums
+ * hsum8 of 8 exps at a time in double; 1/sum in double, applied in float), the weights as
+ * FP16, then V.w over the positions. The two products are ggml_vec_dot_f16's for a single
+ * token, tinyBLAS's (`tiny`) within a batch, as llama.cpp computes them. llama.cpp pads its
+ * positions with masked ones (weight 0, which adds exact zeros), so only the n_pos real ones
+ * are visited. scratch: n_pos + 8 floats; acc: 32 * hd floats. */
+static void attend_ggml(int hd, const float *qh, const uint16_t *K, const uint16_t *V, int kvd, int n_pos,
+                        float scale, int tiny, float *scratch, float *acc, float *out) {
+    const int lanes = tiny ? 8 : 32;
+    float mx = -INFINITY;
+    for (int p = 0; p < n_pos; p++) {
+        const float w = (tiny ? kq_tinyblas(K + (size_t)p * kvd, qh, hd) : kq_ggml(K + (size_t)p * kvd, qh, hd)) * scale;
+        scratch[p] = w;
+        mx = w > mx ? w : mx;
+    }
+    const int padded = (n_pos + 7) & ~7;
+    int p = 0;
+#if defined(PK_AVX2)
+    for (; p + 8 <= n_pos; p += 8)
+        _mm256_storeu_ps(scratch + p, expf8_ggml(_mm256_sub_ps(_mm256_loadu_ps(scratch + p), _mm256_set1_ps(mx))));
+#endif
+    for (; p < n_pos; p++) scratch[p] = expf_ggml(scratch[p] - mx);
+    for (; p < padded; p++) scratch[p] = 0.0f;
+    double sum = 0.0;
+    for (p = 0; p < n_pos; p += 8) sum += (double)hsum8_ggml(scratch + p);
+    const float inv = (float)(1.0 / sum);
+    p = 0;
+#if defined(PK_AVX2) /* the weights rounded to FP16 (F16C rounds to nearest even too) */
+    for (; p + 8 <= n_pos; p += 8)
+        _mm256_storeu_ps(scratch + p, _mm256_cvtph_ps(_mm256_cvtps_ph(
+                                          _mm256_mul_ps(_mm256_loadu_ps(scratch + p), _mm256_set1_ps(inv)),
+                                          _MM_FROUND_TO_NEAREST_INT)));
+#endif
+    for (; p < n_pos; p++) scratch[p] = round_half(scratch[p] * inv);
+    memset(acc, 0, sizeof(float) * (size_t)lanes * hd);
+    for (p = 0; p < n_pos; p++) v_accumulate(acc + (p & (lanes - 1)) * hd, scratch[p], V + (size_t)p * kvd, hd);
+    int d = 0;
+#if defined(PK_AVX2) /* the reductions above, 8 values of d at a time */
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a[32];
+        for (int j = 0; j < lanes; j++) a[j] = _mm256_loadu_ps(acc + j * hd + d);
+        __m256 r;
+        if (tiny) {
+            r = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6])),
+                              _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7])));
+        } else {
+            __m256 x[8];
+            for (int l = 0; l < 8; l++)
+                x[l] = _mm256_add_ps(_mm256_add_ps(a[l], a[16 + l]), _mm256_add_ps(a[8 + l], a[24 + l]));
+            for (int l = 0; l < 4; l++) x[l] = _mm256_add_ps(x[l], x[l + 4]);
+            r = _mm256_add_ps(_mm256_add_ps(x[0], x[1]), _mm256_add_ps(x[2], x[3]));
+        }
+        _mm256_storeu_ps(out + d, r);
+    }
+#endif
+    float l[32];
+    for (; d < hd; d++) {
+        for (int j = 0; j < lanes; j++) l[j] = acc[j * hd + d];
+        out[d] = tiny ? hsum8_ggml(l) : reduce_f16dot(l);
+    }
+}
+
+/* ------------------------------------------------------------------------------------ */
 /* Thread pool                                                                           */
 /*
  * n threads in all; the caller of pool_run is thread 0. A job offers n-1 slots; a worker
@@ -1328,7 +1810,15 @@ static inline void row_dots(const pk_mat *w, int64_t r, const act_t *a, int t0, 
     for (int i = 0; i < nt; i++) out[i] = dot_float(w->type, row, a->f + (t0 + i) * a->n, a->n);
 }
 
-static inline float silu(float v) { return v > -700.0f ? v / (1.0f + expf(-v)) : 0.0f; }
+/* rows r0 .. r0+nr-1 of w . tokens t0 .. t0+nt-1: out[(r - r0) * MM_MAX_TOK + i] */
+static inline void tile_dots(const pk_mat *w, int64_t r0, int nr, const act_t *a, int t0, int nt, int use_qa,
+                             float *out) {
+    if (use_qa && type_has_qa(w->type) == 8) {
+        q8_dots(w->type, w->data + r0 * w->row_bytes, w->row_bytes, nr, a, t0, nt, out, MM_MAX_TOK);
+        return;
+    }
+    for (int r = 0; r < nr; r++) row_dots(w, r0 + r, a, t0, nt, use_qa, out + r * MM_MAX_TOK);
+}
 
 #define MM_ROWS 16 /* rows per tile: a tile of rows and 8 tokens stays in L1 */
 #define MM_TOKS 8
@@ -1352,17 +1842,17 @@ static void mm_task(void *arg, int ith, int nth) {
             const int64_t re = rb + MM_ROWS < r1 ? rb + MM_ROWS : r1;
             for (int t0 = 0; t0 < nt; t0 += MM_TOKS) {
                 const int tn = nt - t0 < MM_TOKS ? nt - t0 : MM_TOKS;
-                for (int64_t r = rb; r < re; r++) {
-                    row_dots(w, r, &job->a, t0, tn, job->use_qa, g + (r - rb) * MM_MAX_TOK + t0);
-                    if (job->swiglu)
-                        row_dots(job->outs[1].w, r, &job->a, t0, tn, job->use_qa, u + (r - rb) * MM_MAX_TOK + t0);
-                }
+                tile_dots(w, rb, (int)(re - rb), &job->a, t0, tn, job->use_qa, g + t0);
+                if (job->swiglu) tile_dots(job->outs[1].w, rb, (int)(re - rb), &job->a, t0, tn, job->use_qa, u + t0);
+            }
+            if (job->swiglu) {
+                for (int t = 0; t < nt; t++)
+                    swiglu_rows(g + t, u + t, MM_MAX_TOK, rb, (int)(re - rb), w->n_rows, out->y + t * out->ldy + rb, 1);
+                continue;
             }
             for (int64_t r = rb; r < re; r++) {
-                const float *gr = g + (r - rb) * MM_MAX_TOK, *ur = u + (r - rb) * MM_MAX_TOK;
-                if (job->swiglu)
-                    for (int t = 0; t < nt; t++) out->y[t * out->ldy + r] = silu(gr[t]) * ur[t];
-                else if (out->add)
+                const float *gr = g + (r - rb) * MM_MAX_TOK;
+                if (out->add)
                     for (int t = 0; t < nt; t++) out->y[t * out->ldy + r] += gr[t];
                 else
                     for (int t = 0; t < nt; t++) out->y[t * out->ldy + r] = gr[t];
@@ -1377,7 +1867,7 @@ static void mm_run(pk_pool *pool, mm_job *job) {
     const int n_mat = job->swiglu ? 1 : job->n_outs;
     for (int o = 0; o < n_mat; o++) total_rows += job->outs[o].w->n_rows;
     int64_t chunk = nth == 1 ? total_rows : total_rows / (nth * 8);
-    if (chunk < 8) chunk = 8;
+    chunk = chunk < MM_ROWS ? MM_ROWS : (chunk + MM_ROWS - 1) / MM_ROWS * MM_ROWS; /* whole tiles */
     job->chunk = chunk;
     job->total_chunks = 0;
     for (int o = 0; o < MM_MAX_OUT; o++) job->n_chunks[o] = 0;
@@ -1393,6 +1883,8 @@ static void mm_run(pk_pool *pool, mm_job *job) {
 typedef struct {
     int16_t *q;
     float *d, *s, *dT, *sT;
+    int8_t *q8;
+    float *d8, *s8;
 } qabuf;
 
 static int qabuf_alloc(qabuf *b, int64_t n) {
@@ -1401,7 +1893,10 @@ static int qabuf_alloc(qabuf *b, int64_t n) {
     b->s = (float *)malloc(sizeof(float) * (size_t)(n / 32 + 1));
     b->dT = (float *)malloc(sizeof(float) * (size_t)(n / 32 + 8));
     b->sT = (float *)malloc(sizeof(float) * (size_t)(n / 32 + 8));
-    return b->q && b->d && b->s && b->dT && b->sT;
+    b->q8 = (int8_t *)malloc((size_t)n + 64);
+    b->d8 = (float *)malloc(sizeof(float) * (size_t)(n / 32 + 1));
+    b->s8 = (float *)malloc(sizeof(float) * (size_t)(n / 32 + 1));
+    return b->q && b->d && b->s && b->dT && b->sT && b->q8 && b->d8 && b->s8;
 }
 
 static void qabuf_free(qabuf *b) {
@@ -1410,12 +1905,25 @@ static void qabuf_free(qabuf *b) {
     free(b->s);
     free(b->dT);
     free(b->sT);
+    free(b->q8);
+    free(b->d8);
+    free(b->s8);
     memset(b, 0, sizeof *b);
 }
 
-/* quantizes nt rows of n floats into qb and points a at them */
-static void quantize_acts(qabuf *qb, const float *x, int nt, int64_t n, act_t *a) {
+/* quantizes nt rows of n floats into qb, to 16-bit blocks if need16, to ggml's 8-bit
+ * blocks if need8, and points a at them */
+static void quantize_acts(qabuf *qb, const float *x, int nt, int64_t n, act_t *a, int need16, int need8) {
     const int64_t nb = n / 32;
+    a->n = n;
+    a->n_tok = nt;
+    if (need8) {
+        for (int t = 0; t < nt; t++) quantize_q8(x + t * n, n, qb->q8 + t * n, qb->d8 + t * nb, qb->s8 + t * nb);
+        a->q8 = qb->q8;
+        a->d8 = qb->d8;
+        a->s8 = qb->s8;
+    }
+    if (!need16) return;
     for (int t = 0; t < nt; t++) quantize_act(x + t * n, n, qb->q + t * n, qb->d + t * nb, qb->s + t * nb);
     if (nt >= 8)
         for (int64_t b = 0; b < nb; b++)
@@ -1428,14 +1936,13 @@ static void quantize_acts(qabuf *qb, const float *x, int nt, int64_t n, act_t *a
     a->s = qb->s;
     a->dT = qb->dT;
     a->sT = qb->sT;
-    a->n = n;
-    a->n_tok = nt;
 }
 
 /*
  * y[t * n_rows + r] = row r of the matrix w (type, n_cols, n_rows) . x[t * n_cols ...]
- * for t < n_tok. quantize_x: 1 = quantize the activations to 16-bit blocks for the types
- * that have an integer kernel, 0 = float activations. Returns 0, or -1 for bad arguments.
+ * for t < n_tok. quantize_x: 1 = quantize the activations for the types that have an
+ * integer kernel (to 8 bits, ggml's arithmetic, for Q4_1 and Q8_0; to 16 bits for the
+ * others), 0 = float activations. Returns 0, or -1 for bad arguments.
  */
 PK_EXPORT int pk_matmul(pk_pool *pool, int type, const void *w, int64_t n_cols, int64_t n_rows,
                         const float *x, int n_tok, float *y, int quantize_x) {
@@ -1461,7 +1968,7 @@ PK_EXPORT int pk_matmul(pk_pool *pool, int type, const void *w, int64_t n_cols, 
                 rc = -2;
                 break;
             }
-            quantize_acts(&qb, job.a.f, nt, n_cols, &job.a);
+            quantize_acts(&qb, job.a.f, nt, n_cols, &job.a, type_has_qa(type) == 16, type_has_qa(type) == 8);
             job.use_qa = 1;
         }
         mm_run(pool, &job);
@@ -1513,7 +2020,7 @@ typedef struct pk_model {
     /* scratch, max_batch rows each */
     float *x, *xb, *q, *k, *v, *att, *hb;
     qabuf qb;
-    float *scores; /* per thread: 64 floats + head_dim accumulators */
+    float *scores; /* attention scratch, ATT_SCRATCH(m) floats per thread */
 } pk_model;
 
 static void set_err(char *err, int len, const char *msg) {
@@ -1693,7 +2200,7 @@ PK_EXPORT pk_model *pk_model_new(const char *path, const int64_t *hp, int n_hp, 
         }
 #undef SLOT
     }
-    /* RoPE table, computed in double as the Python reference does */
+    /* RoPE table, computed as ggml computes it */
     const int half = m->rope_dim / 2;
     m->rope_cos = (float *)malloc(sizeof(float) * (size_t)m->n_ctx * (half ? half : 1));
     m->rope_sin = (float *)malloc(sizeof(float) * (size_t)m->n_ctx * (half ? half : 1));
@@ -1702,15 +2209,9 @@ PK_EXPORT pk_model *pk_model_new(const char *path, const int64_t *hp, int n_hp, 
         pk_model_free(m);
         return NULL;
     }
-    for (int i = 0; i < half; i++) {
-        double inv = fp[FP_ROPE_SCALE] * pow(fp[FP_ROPE_BASE], -2.0 * i / m->rope_dim);
-        if (freq_factors) inv = inv / freq_factors[i];
-        for (int p = 0; p < m->n_ctx; p++) {
-            const double a = p * inv;
-            m->rope_cos[(size_t)p * half + i] = (float)cos(a);
-            m->rope_sin[(size_t)p * half + i] = (float)sin(a);
-        }
-    }
+    for (int p = 0; p < m->n_ctx; p++)
+        rope_table_ggml(m->rope_cos + (size_t)p * half, m->rope_sin + (size_t)p * half, p, half, m->rope_dim,
+                        (float)fp[FP_ROPE_BASE], (float)fp[FP_ROPE_SCALE], freq_factors);
     const size_t B = (size_t)m->max_batch;
     int64_t widest = E > F ? E : F;
     if (m->q_dim > widest) widest = m->q_dim;
@@ -1722,7 +2223,7 @@ PK_EXPORT pk_model *pk_model_new(const char *path, const int64_t *hp, int n_hp, 
     m->att = (float *)malloc(sizeof(float) * B * m->q_dim);
     m->hb = (float *)malloc(sizeof(float) * B * F);
     m->pool = pk_pool_new(n_threads);
-    m->scores = (float *)malloc(sizeof(float) * (size_t)(m->pool ? m->pool->n : 1) * ATT_SCRATCH(m->head_dim));
+    m->scores = (float *)malloc(sizeof(float) * (size_t)(m->pool ? m->pool->n : 1) * ATT_SCRATCH(m));
     if (!m->x || !m->xb || !m->q || !m->k || !m->v || !m->att || !m->hb || !m->pool || !m->scores ||
         !qabuf_alloc(&m->qb, (int64_t)B * widest)) {
         set_err(err, err_len, "out of memory (scratch or threads)");
@@ -1740,23 +2241,14 @@ PK_EXPORT void pk_model_set_float_activations(pk_model *m, int on) {
 
 PK_EXPORT int pk_model_threads(const pk_model *m) { return m && m->pool ? m->pool->n : 1; }
 
-static void rmsnorm(const float *x, const float *w, float *out, int n, float eps) {
-    double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    const float scale = (float)(1.0 / sqrt(ss / n + eps));
-    for (int i = 0; i < n; i++) out[i] = x[i] * scale * w[i];
-}
-
 static void rope(const pk_model *m, float *vec, int n_heads, int pos) {
     const int half = m->rope_dim / 2;
-    const float *c = m->rope_cos + (size_t)pos * half, *s = m->rope_sin + (size_t)pos * half;
+    const float *c = m->rope_cos + (size_t)pos * half, *sn = m->rope_sin + (size_t)pos * half;
     for (int h = 0; h < n_heads; h++) {
         float *v = vec + h * m->head_dim;
         for (int i = 0; i < half; i++) {
-            const int a = m->rope_neox ? i : 2 * i, b = m->rope_neox ? i + half : 2 * i + 1;
-            const float x0 = v[a], x1 = v[b];
-            v[a] = x0 * c[i] - x1 * s[i];
-            v[b] = x0 * s[i] + x1 * c[i];
+            if (m->rope_neox) rotate_ggml(v + i, v + i + half, c[i], sn[i]);
+            else rotate_ggml(v + 2 * i, v + 2 * i + 1, c[i], sn[i]);
         }
     }
 }
@@ -1775,152 +2267,22 @@ PK_EXPORT void pk_f32_to_f16(const float *x, uint16_t *out, int64_t n) {
     for (int64_t i = 0; i < n; i += 1 << 20) store_half(out + i, x + i, (int)(n - i < (1 << 20) ? n - i : 1 << 20));
 }
 
-/* q (already scaled) . K row of halves */
-static inline float dot_q_half(const float *q, const uint16_t *k, int n) {
-    int i = 0;
-    float sum = 0.0f;
-#if defined(PK_AVX2)
-    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), acc);
-        acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i + 8))), acc2);
-    }
-    for (; i + 8 <= n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(k + i))), acc);
-    sum = hsum8(_mm256_add_ps(acc, acc2));
-#endif
-    for (; i < n; i++) sum += q[i] * half_to_float_sw(k[i]);
-    return sum;
-}
-
-/* acc += w * V row of halves */
-static inline void axpy_half(float *acc, float w, const uint16_t *v, int n) {
-    int i = 0;
-#if defined(PK_AVX2)
-    const __m256 wv = _mm256_set1_ps(w);
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(wv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(v + i))),
-                                                  _mm256_loadu_ps(acc + i)));
-#endif
-    for (; i < n; i++) acc[i] += w * half_to_float_sw(v[i]);
-}
-
 typedef struct {
     pk_model *m;
     const uint16_t *K, *V; /* this layer's key and value rows */
     int n_tok, pos0;
+    int n_tiny; /* tokens 0 .. n_tiny-1 attend in tinyBLAS order (see attend_ggml) */
     const uint8_t *prefetch; /* the next weights, fetched toward the caches meanwhile */
     size_t prefetch_bytes;
     atomic_int next;
 } attn_job;
-
-#if defined(PK_AVX2)
-/* e^x for x <= 0 (attention weights): Cephes' polynomial, ~1 ulp; below -87 it returns
- * ~1e-38 instead of 0, which is nothing next to the weight 1 of the maximum */
-static inline __m256 exp256_neg(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-/* one query head (already scaled) over n_pos cached positions, head size HD (a multiple
- * of 16, known at compile time so q and the accumulators live in registers) */
-static inline __attribute__((always_inline)) void attend_fixed(const int HD, const float *q, const uint16_t *K,
-                                                                const uint16_t *V, int kvd, int n_pos,
-                                                                float *scores, float *out) {
-    __m256 acc[HD / 8];
-    for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_setzero_ps();
-    float mx = -INFINITY, l = 0.0f;
-    for (int start = 0; start < n_pos; start += ATT_CHUNK) {
-        const int cnt = n_pos - start < ATT_CHUNK ? n_pos - start : ATT_CHUNK;
-        __m256 qv[HD / 8];
-        for (int i = 0; i < HD / 8; i++) qv[i] = _mm256_loadu_ps(q + 8 * i);
-        float cmax = -INFINITY;
-        for (int p = 0; p < cnt; p++) {
-            const uint16_t *kr = K + (size_t)(start + p) * kvd;
-            __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-            for (int i = 0; i < HD / 8; i += 2) {
-                s0 = _mm256_fmadd_ps(qv[i], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + 8 * i))), s0);
-                s1 = _mm256_fmadd_ps(qv[i + 1], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(kr + 8 * i + 8))), s1);
-            }
-            const float sc = hsum8(_mm256_add_ps(s0, s1));
-            scores[p] = sc;
-            cmax = sc > cmax ? sc : cmax;
-        }
-        const float m_new = cmax > mx ? cmax : mx;
-        if (mx != m_new) {
-            const float rescale = expf(mx - m_new); /* 0 the first time (mx = -inf) */
-            const __m256 rv = _mm256_set1_ps(rescale);
-            for (int i = 0; i < HD / 8; i++) acc[i] = _mm256_mul_ps(acc[i], rv);
-            l *= rescale;
-        }
-        mx = m_new;
-        const __m256 mv = _mm256_set1_ps(m_new);
-        int p = 0;
-        for (; p + 8 <= cnt; p += 8)
-            _mm256_storeu_ps(scores + p, exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + p), mv)));
-        for (; p < cnt; p++) scores[p] = expf(scores[p] - m_new);
-        for (p = 0; p < cnt; p++) {
-            const uint16_t *vr = V + (size_t)(start + p) * kvd;
-            const __m256 w = _mm256_set1_ps(scores[p]);
-            l += scores[p];
-            for (int i = 0; i < HD / 8; i++)
-                acc[i] = _mm256_fmadd_ps(w, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(vr + 8 * i))), acc[i]);
-        }
-    }
-    const __m256 inv = _mm256_set1_ps(1.0f / l);
-    for (int i = 0; i < HD / 8; i++) _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(acc[i], inv));
-}
-#endif
-
-/* the same for any head size, accumulators in memory */
-static void attend_any(int hd, const float *q, const uint16_t *K, const uint16_t *V, int kvd, int n_pos,
-                       float *scores, float *acc, float *out) {
-    for (int i = 0; i < hd; i++) acc[i] = 0.0f;
-    float mx = -INFINITY, l = 0.0f;
-    for (int start = 0; start < n_pos; start += ATT_CHUNK) {
-        const int cnt = n_pos - start < ATT_CHUNK ? n_pos - start : ATT_CHUNK;
-        float cmax = -INFINITY;
-        for (int p = 0; p < cnt; p++) {
-            const float sc = dot_q_half(q, K + (size_t)(start + p) * kvd, hd);
-            scores[p] = sc;
-            if (sc > cmax) cmax = sc;
-        }
-        const float m_new = cmax > mx ? cmax : mx;
-        if (mx != m_new) {
-            const float rescale = expf(mx - m_new); /* 0 the first time (mx = -inf) */
-            for (int i = 0; i < hd; i++) acc[i] *= rescale;
-            l *= rescale;
-        }
-        mx = m_new;
-        for (int p = 0; p < cnt; p++) {
-            const float w = expf(scores[p] - m_new);
-            l += w;
-            axpy_half(acc, w, V + (size_t)(start + p) * kvd, hd);
-        }
-    }
-    const float inv = 1.0f / l;
-    for (int i = 0; i < hd; i++) out[i] = acc[i] * inv;
-}
 
 static void attn_task(void *arg, int ith, int nth) {
     (void)nth;
     attn_job *job = (attn_job *)arg;
     pk_model *m = job->m;
     const int hd = m->head_dim, group = m->n_head / m->n_head_kv, kvd = m->kv_dim;
-    float *scores = m->scores + (size_t)ith * ATT_SCRATCH(hd);
-    float *qh = scores + ATT_CHUNK, *acc = qh + hd;
+    float *qh = m->scores + (size_t)ith * ATT_SCRATCH(m), *acc = qh + hd, *scratch = acc + 32 * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const int total = job->n_tok * m->n_head;
 #if defined(PK_AVX2) || defined(PK_SSE2)
@@ -1939,23 +2301,14 @@ static void attn_task(void *arg, int ith, int nth) {
         const float *q = m->q + (size_t)t * m->q_dim + h * hd;
         const int kv_off = (h / group) * hd;
         float *out = m->att + (size_t)t * m->q_dim + h * hd;
-        for (int i = 0; i < hd; i++) qh[i] = q[i] * scale;
-#if defined(PK_AVX2)
-        if (hd == 64) {
-            attend_fixed(64, qh, job->K + kv_off, job->V + kv_off, kvd, n_pos, scores, out);
-            continue;
-        }
-        if (hd == 128) {
-            attend_fixed(128, qh, job->K + kv_off, job->V + kv_off, kvd, n_pos, scores, out);
-            continue;
-        }
-#endif
-        attend_any(hd, qh, job->K + kv_off, job->V + kv_off, kvd, n_pos, scores, acc, out);
+        for (int i = 0; i < hd; i++) qh[i] = round_half(q[i]);
+        attend_ggml(hd, qh, job->K + kv_off, job->V + kv_off, kvd, n_pos, scale, t < job->n_tiny, scratch, acc, out);
     }
 }
 
-static int any_qa(const pk_mat *a, const pk_mat *b, const pk_mat *c) {
-    return type_has_qa(a->type) || (b && type_has_qa(b->type)) || (c && type_has_qa(c->type));
+/* 1 if one of the matrices (b and c may be NULL) has an integer kernel taking `bits` */
+static int any_qa(int bits, const pk_mat *a, const pk_mat *b, const pk_mat *c) {
+    return type_has_qa(a->type) == bits || (b && type_has_qa(b->type) == bits) || (c && type_has_qa(c->type) == bits);
 }
 
 /* matmul of up to three matrices (same input) with the input x (n_tok rows of n) */
@@ -1968,8 +2321,9 @@ static void run_mm(pk_model *m, const float *x, int n_tok, int64_t n, const pk_m
     job.a.f = x;
     job.a.n = n;
     job.swiglu = swiglu;
-    job.use_qa = !m->float_acts && (n % 32 == 0) && any_qa(w0, w1, w2);
-    if (job.use_qa) quantize_acts(&m->qb, x, n_tok, n, &job.a);
+    const int need16 = any_qa(16, w0, w1, w2), need8 = any_qa(8, w0, w1, w2);
+    job.use_qa = !m->float_acts && (n % 32 == 0) && (need16 || need8);
+    if (job.use_qa) quantize_acts(&m->qb, x, n_tok, n, &job.a, need16, need8);
     const pk_mat *ws[3] = {w0, w1, w2};
     float *ys[3] = {y0, y1, y2};
     const int64_t lds[3] = {ld0, ld1, ld2};
@@ -2002,8 +2356,9 @@ static inline void phase(double *t, int which) {
     *t = now;
 }
 
-static void forward_batch(pk_model *m, const int32_t *tokens, int B, int pos0, uint8_t *kv, float *logits,
-                          int all_logits) {
+/* tokens 0 .. n_tiny-1 of the B attend in tinyBLAS order, the others as single tokens */
+static void forward_batch(pk_model *m, const int32_t *tokens, int B, int n_tiny, int pos0, uint8_t *kv,
+                          float *logits, int all_logits) {
     const int E = m->n_embd, F = m->n_ff, QD = m->q_dim, KVD = m->kv_dim;
     const size_t layer_bytes = (size_t)m->n_ctx * KVD * 2;
     double t = pk_profiling ? now_seconds() : 0.0;
@@ -2014,7 +2369,7 @@ static void forward_batch(pk_model *m, const int32_t *tokens, int B, int pos0, u
         const pk_layer *L = &m->layers[l];
         uint16_t *K = (uint16_t *)(kv + (size_t)(2 * l) * layer_bytes);
         uint16_t *V = (uint16_t *)(kv + (size_t)(2 * l + 1) * layer_bytes);
-        for (int i = 0; i < B; i++) rmsnorm(m->x + (size_t)i * E, L->attn_norm, m->xb + (size_t)i * E, E, m->eps);
+        for (int i = 0; i < B; i++) rmsnorm_ggml(m->x + (size_t)i * E, L->attn_norm, m->xb + (size_t)i * E, E, m->eps);
         phase(&t, PH_OTHER);
         run_mm(m, m->xb, B, E, &L->q, m->q, QD, &L->k, m->k, KVD, &L->v, m->v, KVD, 0, 0);
         phase(&t, PH_QKV);
@@ -2031,6 +2386,7 @@ static void forward_batch(pk_model *m, const int32_t *tokens, int B, int pos0, u
         aj.V = V;
         aj.n_tok = B;
         aj.pos0 = pos0;
+        aj.n_tiny = n_tiny;
         aj.prefetch = m->prefetch ? L->o.data : NULL;
         aj.prefetch_bytes = (size_t)(L->o.row_bytes * L->o.n_rows);
         atomic_init(&aj.next, 0);
@@ -2038,7 +2394,7 @@ static void forward_batch(pk_model *m, const int32_t *tokens, int B, int pos0, u
         phase(&t, PH_ATTN);
         run_mm(m, m->att, B, QD, &L->o, m->x, E, NULL, NULL, 0, NULL, NULL, 0, 1, 0);
         phase(&t, PH_WO);
-        for (int i = 0; i < B; i++) rmsnorm(m->x + (size_t)i * E, L->ffn_norm, m->xb + (size_t)i * E, E, m->eps);
+        for (int i = 0; i < B; i++) rmsnorm_ggml(m->x + (size_t)i * E, L->ffn_norm, m->xb + (size_t)i * E, E, m->eps);
         run_mm(m, m->xb, B, E, &L->gate, m->hb, F, &L->up, NULL, F, NULL, NULL, 0, 0, 1);
         phase(&t, PH_FFN_UP);
         run_mm(m, m->hb, B, F, &L->down, m->x, E, NULL, NULL, 0, NULL, NULL, 0, 1, 0);
@@ -2047,7 +2403,7 @@ static void forward_batch(pk_model *m, const int32_t *tokens, int B, int pos0, u
     if (!logits) return;
     const int first = all_logits ? 0 : B - 1, n = B - first;
     for (int i = first; i < B; i++)
-        rmsnorm(m->x + (size_t)i * E, m->output_norm, m->xb + (size_t)(i - first) * E, E, m->eps);
+        rmsnorm_ggml(m->x + (size_t)i * E, m->output_norm, m->xb + (size_t)(i - first) * E, E, m->eps);
     run_mm(m, m->xb, n, E, &m->output, logits, m->n_vocab, NULL, NULL, 0, NULL, NULL, 0, 0, 0);
     phase(&t, PH_OUTPUT);
 }
@@ -2057,6 +2413,10 @@ static void forward_batch(pk_model *m, const int32_t *tokens, int B, int pos0, u
  * cache kv (kv_bytes long, layout [layer][K, V][n_ctx][n_head_kv * head_dim] FP16).
  * logits_mode: 0 = none, 1 = the last token's n_vocab logits into logits, 2 = every
  * token's (n_tokens * n_vocab). Returns 0, or -1 bad arguments, -2 token out of range.
+ * As llama.cpp (whose default batches hold up to 512 tokens) computes the attention of a
+ * batch of two or more tokens in another order than that of a single token, so do we: the
+ * logits of a prompt evaluated at once equal llama.cpp's for that prompt, token by token
+ * they equal its token-by-token ones.
  */
 PK_EXPORT int pk_forward(pk_model *m, const int32_t *tokens, int n_tokens, int pos, void *kv, int64_t kv_bytes,
                          float *logits, int logits_mode) {
@@ -2071,7 +2431,10 @@ PK_EXPORT int pk_forward(pk_model *m, const int32_t *tokens, int n_tokens, int p
         float *out = NULL;
         if (logits_mode == 2) out = logits + (size_t)c * m->n_vocab;
         else if (logits_mode == 1 && last) out = logits;
-        forward_batch(m, tokens + c, B, pos + c, (uint8_t *)kv, out, logits_mode == 2);
+        /* llama.cpp's batch of 512 holding the call's last token may hold only that token */
+        const int lone_last = last && n_tokens % LLAMA_UBATCH == 1;
+        const int n_tiny = m->head_dim % 8 ? 0 : B - lone_last;
+        forward_batch(m, tokens + c, B, n_tiny, pos + c, (uint8_t *)kv, out, logits_mode == 2);
     }
     return 0;
 }

@@ -179,6 +179,7 @@ class TestTinyModels(unittest.TestCase):
     agree with the reference to 1e-9."""
     accelerate, pack = False, "off"
     exact_tol, quant_tol, matvec_tol = REL_TOL_EXACT, REL_TOL_QUANT, MATVEC_TOL
+    split_exact_tol, split_quant_tol = 1e-9, 1e-9  # a sequence in one call vs token by token
 
     def model(self, path, **kwargs):
         return picolm.Model(path, accelerate=self.accelerate, pack=self.pack, **kwargs)
@@ -256,7 +257,9 @@ class TestTinyModels(unittest.TestCase):
                         self.assertClose(step, want[pos], "%s position %d" % (name, pos), tol)
                     model.reset()
                     whole = model.eval(seq)
-                    self.assertClose(whole, step, "%s: split vs whole" % name, 1e-9)
+                    self.assertClose(whole, step, "%s: split vs whole" % name,
+                                     self.split_exact_tol if name in EXACT_TYPES
+                                     else self.split_quant_tol)
                     self.assertEqual(len(model.tokens), len(seq))
                 seq = SEQUENCES[0]
                 model.reset()
@@ -278,6 +281,18 @@ class TestTinyModels(unittest.TestCase):
                 self.assertEqual(got, want)
                 two.reset()
                 self.assertEqual(two.eval(seq), want)
+
+    def test_eval_greedy_is_the_argmax(self):
+        tiny, _ = tiny_model("Q8_0")
+        seq = SEQUENCES[0]
+        with self.model(tiny.path, n_ctx=16) as model:
+            logits = model.eval(seq[:4])
+            want = [max(range(len(logits)), key=logits.__getitem__)]
+            logits = model.eval(seq[4:5])
+            want.append(max(range(len(logits)), key=logits.__getitem__))
+            model.reset()
+            self.assertEqual([model.eval_greedy(seq[:4]), model.eval_greedy(seq[4:5])], want)
+            self.assertEqual(model.tokens, seq[:5])
 
     def test_context_limit(self):
         tiny, _ = tiny_model("Q8_0")
@@ -313,11 +328,14 @@ class TestTinyModelsPacked(TestTinyModels):
 @unittest.skipUnless(picolm.load_accelerator()[0] is not None,
                      "no C accelerator here: %s" % picolm.load_accelerator()[1])
 class TestTinyModelsAccelerated(TestTinyModels):
-    """The C accelerator computes in float32 and quantizes activations to 8 bits like
-    llama.cpp, so it is held to float32 noise on exact types and to 8-bit noise on the
-    quantized ones."""
+    """The C accelerator computes as llama.cpp does: the query and the attention weights
+    rounded to FP16 (FP16 noise, ~5e-4, even on exact types), Q4_1 and Q8_0 activations
+    rounded to 8 bits, the other quantized types' to 16 bits. A batch of tokens attends in
+    another summation order than a single token (llama.cpp's two orders), so one call and
+    token by token differ by that rounding, amplified by the 8-bit roundings downstream."""
     accelerate = True
-    exact_tol, quant_tol = 1e-5, 3e-2
+    exact_tol, quant_tol = 1e-3, 5e-2
+    split_exact_tol, split_quant_tol = 1e-5, 5e-2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ Three paths are checked. The pure path streaming its weights (--pack off) evalua
   * memory: a CLI run with -c 2048, a short prompt and 16 tokens.
 The packed pure path (--pack on) and the C accelerator run the full greedy checks (see
 their classes). `tools/bench.py` and the README report the full-length figures.
+The accelerated path computes llama.cpp's own float operations and is held to the issue's
+criterion: all four prompts, every position, top-5 logits equal to the reference's.
 """
 
 import json
@@ -54,6 +56,8 @@ class SmolLM2Fidelity(unittest.TestCase):
     the top of this file."""
     accelerate, pack = False, "off"
     greedy_prompts, greedy_tokens, ppl_tokens = GREEDY_PROMPTS, GREEDY_TOKENS, PPL_TOKENS
+    near_tie = NEAR_TIE  # where llama.cpp's own top two are closer, another argmax is allowed
+    top5_tolerance = None  # how far our logits of llama.cpp's top five may be (None: unchecked)
 
     @classmethod
     def setUpClass(cls):
@@ -68,7 +72,8 @@ class SmolLM2Fidelity(unittest.TestCase):
     def test_greedy_matches_llamacpp(self):
         """Teacher-forced over llama.cpp's own greedy continuation: at every position our
         argmax is llama.cpp's token, or else one of llama.cpp's top five whose logit is
-        within NEAR_TIE of llama.cpp's best there.
+        within near_tie of llama.cpp's best there; and our logits of its top five are
+        within top5_tolerance of its own.
 
         The issue asks for 0.05. llama.cpp re-quantizes every activation to 8 bits, so its
         logits sit 0.1-0.6 away from the exact computation, and its own batched and
@@ -80,23 +85,31 @@ class SmolLM2Fidelity(unittest.TestCase):
             logits = self.model.eval(case["prompt_ids"])
             for at, expected in enumerate(case["gen_ids"][:self.greedy_tokens]):
                 ours = max(range(len(logits)), key=logits.__getitem__)
+                theirs = dict(case["top5"][at])
                 if ours != expected:
-                    theirs = dict(case["top5"][at])
                     self.assertIn(ours, theirs, "prompt %r, token %d: ours %d is not in "
                                   "llama.cpp's top 5" % (case["prompt"], at, ours))
-                    self.assertLess(theirs[expected] - theirs[ours], NEAR_TIE,
+                    self.assertLess(theirs[expected] - theirs[ours], self.near_tie,
                                     "prompt %r, token %d: ours %d, llama.cpp %d"
                                     % (case["prompt"], at, ours, expected))
+                if self.top5_tolerance is not None:
+                    for token, value in theirs.items():
+                        self.assertLessEqual(abs(logits[token] - value), self.top5_tolerance,
+                                             "prompt %r, token %d: logit of %d"
+                                             % (case["prompt"], at, token))
                 logits = self.model.eval([expected])
+
+    def logits_of(self, ids):
+        """The logits of every position of ids, evaluated from the start."""
+        self.model.reset()
+        return [self.model.eval([token]) for token in ids]
 
     def test_perplexity_within_half_percent(self):
         nll = load_json(NLL_REFERENCE)
         ids = self.reference["ppl"]["ids"]
         self.assertEqual(nll["ids"], ids)
-        self.model.reset()
         total = 0.0
-        for i in range(self.ppl_tokens):
-            logits = self.model.eval([ids[i]])
+        for i, logits in enumerate(self.logits_of(ids[:self.ppl_tokens])):
             total -= log_softmax_at(logits, ids[i + 1])
         ours = math.exp(total / self.ppl_tokens)
         theirs = math.exp(nll["prefix_mean_nll"]["batched"][str(self.ppl_tokens)])
@@ -179,9 +192,28 @@ class SmolLM2FidelityPacked(SmolLM2Fidelity):
                      "no C accelerator here: %s" % picolm.load_accelerator()[1])
 class SmolLM2FidelityAccelerated(SmolLM2Fidelity):
     """The C accelerator, fast enough for the full checks: all four reference prompts
-    with all their generated tokens, and perplexity over all 512 tokens."""
+    with all their generated tokens, and perplexity over all 512 tokens. It computes
+    llama.cpp's float operations, so it is held to the issue's 0.05 and its top-5 logits to
+    1e-4 (the reference stores them with 4 decimals; we measured at most 5.0e-5)."""
     accelerate = True
     greedy_prompts, greedy_tokens, ppl_tokens = 4, 48, 511
+    near_tie, top5_tolerance = 0.05, 1e-4
+
+    def logits_of(self, ids):
+        """In one batch, as llama.cpp's perplexity reference was made (a batch attends in
+        another summation order than single tokens do, in llama.cpp and here)."""
+        self.model.reset()
+        flat = self.model.accel.forward_all(ids, 0)
+        nv = self.model.accel.n_vocab
+        return [flat[i * nv:(i + 1) * nv] for i in range(len(ids))]
+
+    def test_free_running_greedy_matches_llamacpp(self):
+        """Greedy generation from each reference prompt gives llama.cpp's tokens."""
+        for case in self.reference["greedy"]:
+            text = "".join(self.model.generate(case["prompt_ids"], max_tokens=len(case["gen_ids"]),
+                                               temperature=0.0))
+            self.assertEqual(self.model.tokens[len(case["prompt_ids"]):], case["gen_ids"][:-1])
+            self.assertEqual(text, self.model.detokenize(case["gen_ids"]))
 
 
 if __name__ == "__main__":

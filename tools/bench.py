@@ -50,7 +50,6 @@ def measure(model_path, backend, threads, prompt_tokens, gen_tokens):
             raise SystemExit("bench: %s asked for, got %s" % (backend, model.backend))
         load_seconds = time.perf_counter() - start
         ids = prompt_ids(model.tokenize, prompt_tokens)
-        sampler = picolm.Sampler(temperature=0.0)
         handoff_us = None
         if isinstance(model.matmul, picolm.ParallelMatmul):
             t = time.perf_counter()
@@ -58,15 +57,13 @@ def measure(model_path, backend, threads, prompt_tokens, gen_tokens):
                 model.matmul.ping()
             handoff_us = (time.perf_counter() - t) / 200 * 1e6
         t0 = time.perf_counter()
-        logits = model.eval(ids)
+        token = model.eval_greedy(ids)  # greedy as Model.generate does it at temperature 0
         prefill = time.perf_counter() - t0
         watch.sample()
-        token = sampler.sample(logits)
         first_token = time.perf_counter() - t0
         t1 = time.perf_counter()
         for _ in range(gen_tokens - 1):
-            logits = model.eval([token])
-            token = sampler.sample(logits)
+            token = model.eval_greedy([token])
             watch.sample()
         generation = time.perf_counter() - t1
         worker_rss = 0
