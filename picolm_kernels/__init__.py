@@ -164,7 +164,6 @@ def _declare(lib):
                              c.c_char_p, i32]),
         "pk_model_free": (None, [p]),
         "pk_model_threads": (i32, [p]),
-        "pk_model_set_float_activations": (None, [p, i32]),
         "pk_forward": (i32, [p, p, i32, i32, p, i64, p, i32]),
         "pk_argmax": (i64, [p, i64]),
         "pk_f32_to_f16": (None, [p, p, i64]),

@@ -40,7 +40,6 @@
  *                          const int64_t *ne1, int n_slots, int n_threads, int max_batch,
  *                          char *err, int err_len);
  *   void pk_model_free(pk_model *);  int pk_model_threads(const pk_model *);
- *   void pk_model_set_float_activations(pk_model *, int on);
  *   int pk_forward(pk_model *, const int32_t *tokens, int n_tokens, int pos, void *kv,
  *                  int64_t kv_bytes, float *logits_or_NULL, int logits_mode);
  *   int64_t pk_argmax(const float *x, int64_t n);
@@ -2007,7 +2006,6 @@ typedef struct {
 typedef struct pk_model {
     int n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab, n_ctx, rope_dim, rope_neox;
     int q_dim, kv_dim, max_batch;
-    int float_acts; /* 1: keep activations in float (no integer kernels) */
     int prefetch;   /* 1: prefetch attn_output while attending */
     float eps;
     void *map;
@@ -2233,12 +2231,6 @@ PK_EXPORT pk_model *pk_model_new(const char *path, const int64_t *hp, int n_hp, 
     return m;
 }
 
-/* on = 1: matmuls keep the activations in float (slower, ~1e-7 relative error per dot);
- * on = 0 (the default): activations are quantized to 16-bit blocks for the integer kernels */
-PK_EXPORT void pk_model_set_float_activations(pk_model *m, int on) {
-    if (m) m->float_acts = on != 0;
-}
-
 PK_EXPORT int pk_model_threads(const pk_model *m) { return m && m->pool ? m->pool->n : 1; }
 
 static void rope(const pk_model *m, float *vec, int n_heads, int pos) {
@@ -2322,7 +2314,7 @@ static void run_mm(pk_model *m, const float *x, int n_tok, int64_t n, const pk_m
     job.a.n = n;
     job.swiglu = swiglu;
     const int need16 = any_qa(16, w0, w1, w2), need8 = any_qa(8, w0, w1, w2);
-    job.use_qa = !m->float_acts && (n % 32 == 0) && (need16 || need8);
+    job.use_qa = (n % 32 == 0) && (need16 || need8);
     if (job.use_qa) quantize_acts(&m->qb, x, n_tok, n, &job.a, need16, need8);
     const pk_mat *ws[3] = {w0, w1, w2};
     float *ys[3] = {y0, y1, y2};
