@@ -1,17 +1,13 @@
 """JSON grammar tests (--json, --json-schema): the byte-level matcher, its
 shortest completions, the schema subset and the token mask.
 
-Runs against picolm.py. Until the grammar section is pasted into picolm.py
-(or with PICOLM_GRAMMAR=parts), the names come from parts/grammar.py instead.
-Tests that need the SmolLM2 model file skip when it is absent.
+Tests that need the SmolLM2 model file skip when it is absent (CI fetches it).
 PICOLM_FUZZ=N multiplies the number of random runs (default 1).
 """
 import collections
-import importlib.util
 import json
 import os
 import random
-import re
 import sys
 import unittest
 
@@ -21,24 +17,7 @@ FUZZ = int(os.environ.get("PICOLM_FUZZ", "1"))
 SMOLLM2 = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def _load_grammar():
-    """picolm if it has the grammar section, else parts/grammar.py on its own."""
-    if os.environ.get("PICOLM_GRAMMAR") != "parts":
-        try:
-            import picolm
-            if hasattr(picolm, "JsonTokenIndex"):
-                return picolm
-        except Exception:       # picolm.py mid-edit: fall back to the part
-            pass
-    spec = importlib.util.spec_from_file_location(
-        "picolm_grammar_part", os.path.join(ROOT, "parts", "grammar.py"))
-    module = importlib.util.module_from_spec(spec)
-    module.json, module.re = json, re       # picolm.py's head holds the imports
-    spec.loader.exec_module(module)
-    return module
-
-
-G = _load_grammar()
+import picolm as G  # noqa: E402  (after the path is set)
 START = G.json_start()
 
 
@@ -638,13 +617,9 @@ class MaskTest(unittest.TestCase):
     @unittest.skipUnless(os.path.exists(SMOLLM2),
                          "needs models/SmolLM2-135M-Instruct.Q4_1.gguf")
     def test_mask_equals_brute_force_smollm2(self):
-        try:
-            import picolm
-        except Exception as e:      # mid-edit; the synthetic vocabulary still runs
-            self.skipTest("picolm does not import: %s" % e)
-        m = picolm.GGUFFile(SMOLLM2)
-        t = picolm.Tokenizer.from_metadata(m.metadata)
-        vocab = [t.token_bytes(i) for i in range(t.n_vocab)]
+        with G.GGUFFile(SMOLLM2) as m:
+            t = G.Tokenizer.from_metadata(m.metadata)
+            vocab = [t.token_bytes(i) for i in range(t.n_vocab)]
         index = G.JsonTokenIndex(vocab)
         rng = random.Random(8)
         compared = 0
