@@ -1,6 +1,7 @@
 """--json / --json-schema end to end: a fuzz test over sampling settings, budgets,
 schemas and prompts on a random tiny model (in-process through Model.generate, plus a
 few CLI runs); every output parses with json.loads and satisfies its schema."""
+import collections
 import json
 import os
 import random
@@ -120,6 +121,64 @@ class JsonFuzzTest(TinyModelCase):
         plain1 = "".join(self.model.generate("hello", 20, 0.7, 0.9, 3))
         plain2 = "".join(self.model.generate("hello", 20, 0.7, 0.9, 3, grammar=None))
         self.assertEqual(plain1, plain2)
+
+
+class FakeTokenizer:
+    """What JsonConstraint needs of a tokenizer, over a given vocabulary."""
+
+    def __init__(self, vocab, eog_ids):
+        self.vocab, self.n_vocab, self.eog_ids = vocab, len(vocab), eog_ids
+
+    def token_bytes(self, token_id):
+        return self.vocab[token_id]
+
+
+class ConstraintSamplingTest(unittest.TestCase):
+
+    def test_refusal_samples_among_the_allowed(self):
+        """After a refused token, choose() draws what Sampler.sample(logits, allowed)
+        draws, whether the mask comes as the allowed ids or (in a string, where most
+        tokens are allowed) as the refused ones set to -inf."""
+        rng = random.Random(11)
+        words = sorted({"".join(rng.choice("abcdefgh é") for _ in range(rng.randint(1, 4)))
+                        .encode() for _ in range(400)})
+        vocab = ([b""] + [bytes((b,)) for b in range(32, 127)] + words
+                 + [b'"', b'",', b'"}', b'{"', b'":', b'":"', b' {', b'\\n', b'\xc3'])
+        tok = FakeTokenizer(vocab, {0})
+        index = picolm.JsonTokenIndex(vocab)
+        grammar = picolm.JsonGrammar({"type": "object", "required": ["s"],
+                                      "properties": {"s": {"type": "string", "maxLength": 5}}})
+        prefixes = (b"", b"{", b'{"s":"', b'{"s":"ab', b'{"s":"abcde', b'{"s":"x"',
+                    b'{"s":"x"}')
+        paths = collections.Counter()
+        for run in range(400):
+            prefix = rng.choice(prefixes)
+            state = grammar.advance(grammar.start, prefix)
+            need = grammar.completion_length(state)
+            budget = rng.choice([need, need + 1, need + 5, 100])
+            logits = [rng.gauss(0.0, 3.0) for _ in vocab]
+            logits[0] += rng.choice([0.0, 20.0])        # often end of generation first
+            temperature = rng.choice([0.0, 0.7, 1.5])
+            top_p, seed = rng.choice([0.5, 0.9, 1.0]), rng.randrange(1 << 30)
+            constraint = picolm.JsonConstraint(tok, grammar)
+            constraint.state = state
+            constraint.index = index
+            got = constraint.choose(picolm.Sampler(temperature, top_p, seed), logits, budget)
+            reference = picolm.Sampler(temperature, top_p, seed)
+            first = reference.sample(logits)
+            complete = grammar.is_complete(state)
+            if (first == 0 and complete) or (first != 0 and index.try_token(
+                    state, first, budget) is not None):
+                expect = first
+            else:
+                allowed = index.allowed_tokens(state, budget) + ([0] if complete else [])
+                expect = reference.sample(logits, allowed)
+                paths["refused" if index.mask(state, budget)[1] else "allowed"] += 1
+            self.assertEqual(got, expect, (run, prefix, budget, temperature, top_p))
+            if got != 0:
+                self.assertIsNotNone(grammar.advance(state, vocab[got]), (run, prefix))
+        self.assertGreater(paths["refused"], 50)
+        self.assertGreater(paths["allowed"], 50)
 
 
 class JsonCliTest(TinyModelCase):
