@@ -2641,9 +2641,9 @@ class _JsonTokenSet:
 
 def _json_plain(data):
     """The number of characters in `data` if it is printable UTF-8 with no quote or
-    backslash (string body that can only add characters), else 0. A few such bytes
-    are counted out (U+007F, non-ASCII spaces, ...): they are just checked byte by
-    byte like any other token."""
+    backslash (string body that can only add characters), else 0. Some valid string
+    bytes are not counted as plain (U+007F, non-ASCII spaces, ...): such tokens are
+    simply checked byte by byte like the others."""
     text = data.decode("utf-8", "surrogateescape")      # bad bytes: unprintable
     if text.isprintable() and '"' not in text and "\\" not in text:
         return len(text)
