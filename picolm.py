@@ -3654,10 +3654,14 @@ class Sampler:
 # ----------------------------------------------------------------------------
 # --json: sampling under the JSON grammar
 
+JSON_GREEDY_TRIES = 32      # greedy: next-best tokens tried before building a mask
+
+
 class JsonConstraint:
     """The grammar state of one generation. choose() samples a token, checks the bytes
     it prints, and only when they are refused builds the mask (the JsonTokenIndex is
-    built on the first refusal) and samples again among the allowed tokens."""
+    built on the first refusal) and samples again among the allowed tokens; greedy
+    first tries the next-best tokens in order."""
 
     def __init__(self, tokenizer, grammar):
         self.tokenizer, self.grammar = tokenizer, grammar
@@ -3685,6 +3689,20 @@ class JsonConstraint:
             if after is not None:
                 self.state = after
                 return token
+        if sampler.temperature <= 0.0:
+            # greedy: the masked argmax is the first token the grammar takes in order of
+            # falling logits (ties: lowest id first, as Sampler picks), usually among
+            # the next few; the index is built only if none of them is taken
+            for token in heapq.nlargest(JSON_GREEDY_TRIES, range(len(logits)),
+                                        key=logits.__getitem__):
+                if token in eog:
+                    if json_is_complete(self.state):
+                        return token
+                    continue
+                after = self.check(token, budget)
+                if after is not None:
+                    self.state = after
+                    return token
         if self.index is None:
             tok = self.tokenizer
             self.index = tok._json_index = JsonTokenIndex(map(tok.token_bytes,

@@ -299,18 +299,21 @@ class ConstraintSamplingTest(unittest.TestCase):
                  + [b'"', b'",', b'"}', b'{"', b'":', b'":"', b' {', b'\\n', b'\xc3'])
         tok = FakeTokenizer(vocab, {0})
         index = picolm.JsonTokenIndex(vocab)
-        grammar = picolm.JsonGrammar({"type": "object", "required": ["s"],
-                                      "properties": {"s": {"type": "string", "maxLength": 5}}})
-        prefixes = (b"", b"{", b'{"s":"', b'{"s":"ab', b'{"s":"abcde', b'{"s":"x"',
-                    b'{"s":"x"}')
+        cases = [(picolm.JsonGrammar({"type": "object", "required": ["s"], "properties": {
+                      "s": {"type": "string", "maxLength": 5}}}),
+                  (b"", b"{", b'{"s":"', b'{"s":"ab', b'{"s":"abcde', b'{"s":"x"',
+                   b'{"s":"x"}')),
+                 # a number may end or go on: end of generation competes with digits
+                 (picolm.JsonGrammar({"type": "number"}), (b"", b"1", b"-", b"12.5"))]
         paths = collections.Counter()
-        for run in range(400):
+        for run in range(500):
+            grammar, prefixes = rng.choice(cases)
             prefix = rng.choice(prefixes)
             state = grammar.advance(grammar.start, prefix)
             need = grammar.completion_length(state)
             budget = rng.choice([need, need + 1, need + 5, 100])
             logits = [rng.gauss(0.0, 3.0) for _ in vocab]
-            logits[0] += rng.choice([0.0, 20.0])        # often end of generation first
+            logits[0] += rng.choice([0.0, 6.0, 20.0])   # often end of generation first
             temperature = rng.choice([0.0, 0.7, 1.5])
             top_p, seed = rng.choice([0.5, 0.9, 1.0]), rng.randrange(1 << 30)
             constraint = picolm.JsonConstraint(tok, grammar)
@@ -326,12 +329,16 @@ class ConstraintSamplingTest(unittest.TestCase):
             else:
                 allowed = index.allowed_tokens(state, budget) + ([0] if complete else [])
                 expect = reference.sample(logits, allowed)
-                paths["refused" if index.mask(state, budget)[1] else "allowed"] += 1
+                if temperature == 0.0:      # found among the next-best tokens, or masked
+                    ranked = sorted(range(len(vocab)), key=logits.__getitem__, reverse=True)
+                    paths["greedy %s" % (ranked.index(expect) < picolm.JSON_GREEDY_TRIES)] += 1
+                else:
+                    paths["refused" if index.mask(state, budget)[1] else "allowed"] += 1
             self.assertEqual(got, expect, (run, prefix, budget, temperature, top_p))
             if got != 0:
                 self.assertIsNotNone(grammar.advance(state, vocab[got]), (run, prefix))
-        self.assertGreater(paths["refused"], 50)
-        self.assertGreater(paths["allowed"], 50)
+        self.assertGreater(min(paths.values()), 10, paths)
+        self.assertEqual(len(paths), 4, paths)
 
 
 class JsonCliTest(TinyModelCase):
