@@ -3654,7 +3654,7 @@ class Sampler:
 # ----------------------------------------------------------------------------
 # --json: sampling under the JSON grammar
 
-JSON_GREEDY_TRIES = 32      # greedy: next-best tokens tried before building a mask
+JSON_GREEDY_TRIES = 256     # greedy: next-best tokens tried before building a mask
 
 
 class JsonConstraint:
