@@ -607,6 +607,35 @@ class MaskTest(unittest.TestCase):
                     self.assertEqual(sorted(index.allowed_tokens(s, budget)),
                                      brute_mask(vocab, s, budget), (schema, prefix, budget))
 
+    def test_mask_complement_in_strings(self):
+        """mask() gives the allowed ids, or flagged as refused exactly the others: the
+        complement where a string allows most of a vocabulary of words."""
+        vocab, _ = synthetic()
+        rng = random.Random(12)
+        letters = "abcdefghijklmnopqrstuvwxyz é€"
+        vocab = vocab + sorted({"".join(rng.choice(letters) for _ in range(rng.randint(1, 6)))
+                                .encode() for _ in range(1500)})
+        index = G.JsonTokenIndex(vocab)
+        seen = collections.Counter()
+        for schema, prefixes in (
+                (SCHEMAS[0], (b'{"', b'{"ab', b'{"a":"', b'{"a":"x\xc3\xa9', b'{"a":"\\')),
+                ({"type": "string", "minLength": 3, "maxLength": 5},
+                 (b'"', b'"a', b'"abcd', b'"abcde')),
+                (SCHEMAS[12], (b'{"', b'{"_', b'{"b":1,"'))):
+            g = G.JsonGrammar(schema)
+            for prefix in prefixes:
+                s = g.advance(g.start, prefix)
+                need = g.completion_length(s)
+                for budget in (need - 1, need, need + 1, need + 3, need + 20, None):
+                    ids, refused = index.mask(s, budget)
+                    if refused:
+                        ids = set(range(len(vocab))) - set(ids)
+                    self.assertEqual(sorted(ids), brute_mask(vocab, s, budget),
+                                     (schema, prefix, budget))
+                    seen[refused] += 1
+        self.assertGreater(seen[True], 20)
+        self.assertGreater(seen[False], 5)
+
     def test_try_token_matches_mask(self):
         vocab, index = synthetic()
         s = advance(b'{"a":"x')
