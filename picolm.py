@@ -1068,14 +1068,14 @@ class PackedRows:
         self.chunks = [self._pack(first, min(PACK_ROWS, end - first))
                        for first in range(start, end, PACK_ROWS)]
         if not all(self.chunks):
-            # a row holding inf or nan has no integer form: stream this matrix
-            self.chunks, self.streamed = None, StreamedRows(tensor, start, end)
+            self.chunks = None  # a row holding inf or nan has no integer form: stream
 
     def prepare(self, x):
         return PackedX(x)
 
     def _pack(self, first, R):
-        """(columns, 2**-e per row) for rows first..first+R-1, or None."""
+        """(columns, lane_reader's doubles and bases) for rows first..first+R-1, or
+        None if a row holds inf or nan."""
         t, K = self.tensor, self.tensor.n_cols
         rb = row_bytes(t.type, K)
         data = t.data[first * rb:(first + R) * rb]
