@@ -3855,9 +3855,11 @@ class Model:
                 print("picolm: Skipping %d cached prompt tokens" % reused, file=sys.stderr,
                       flush=True)
         stats["cached_tokens"] = reused
-        # greedy and unconstrained: only the argmax is needed, never the list of logits
+        # greedy and unconstrained: only the argmax is needed, never the list of logits;
+        # greedy --json on the accelerator: the argmax first, the logits only if refused
         argmax_only = grammar is None and temperature <= 0.0
-        if argmax_only:
+        argmax_first = grammar is not None and temperature <= 0.0 and self.accel is not None
+        if argmax_only or argmax_first:
             best = self.eval_greedy(prompt[reused:])
         else:
             logits = self.eval(prompt[reused:])
@@ -3873,6 +3875,9 @@ class Model:
                 token = best
             elif constraint is None:
                 token = sampler.sample(logits)
+            elif argmax_first:
+                budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
+                token = constraint.choose(sampler, self.accel.logits_array, budget, best)
             else:
                 budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
                 token = constraint.choose(sampler, logits, budget)
@@ -3895,7 +3900,7 @@ class Model:
             if len(self.tokens) >= self.n_ctx:
                 stats["stop"] = "context full"
                 break
-            if argmax_only:
+            if argmax_only or argmax_first:
                 best = self.eval_greedy([token])
             else:
                 logits = self.eval([token])
@@ -4132,8 +4137,11 @@ class JsonConstraint:
             return None
         return after
 
-    def choose(self, sampler, logits, budget):
-        token = sampler.sample(logits)
+    def choose(self, sampler, logits, budget, best=None):
+        """The next token. best: the sampler's pick when it is known already (greedy on
+        the accelerator); logits may then be a function that makes them, called only if
+        the grammar refuses best."""
+        token = sampler.sample(logits) if best is None else best
         eog = self.tokenizer.eog_ids
         if token in eog:
             if json_is_complete(self.state):
@@ -4143,6 +4151,8 @@ class JsonConstraint:
             if after is not None:
                 self.state = after
                 return token
+        if callable(logits):
+            logits = logits()
         if sampler.temperature <= 0.0:
             # greedy: the masked argmax is the first token the grammar takes in order of
             # falling logits (ties: lowest id first, as Sampler picks), usually among
