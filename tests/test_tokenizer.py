@@ -181,6 +181,11 @@ class _ModelTokenizerTests:
         self.assertEqual(stream.flush(), "")
 
     # special ids
+    def test_all_token_bytes_equal_token_bytes(self):
+        tok = self.tok
+        self.assertEqual(tok.all_token_bytes(),
+                         [tok.token_bytes(i) for i in range(tok.n_vocab)])
+
     def test_add_bos_and_add_eos_overrides(self):
         tok = self.tok
         plain = tok.encode("Hello", add_bos=False)
@@ -344,6 +349,21 @@ class SyntheticVocabularyTests(unittest.TestCase):
         # Bytes with no <0xNN> token become the unknown token (not printed).
         self.assertEqual(no_prefix.encode("\u0100", add_bos=False), [0, 0])
         self.assertEqual(no_prefix.token_bytes(0), b"")
+
+    def test_all_token_bytes_equal_token_bytes(self):
+        # every stand-in, a token mixing them, a control token, and a normal token
+        # holding characters that are no stand-ins (the token-by-token path)
+        for odd in ((), ("a b\u20ac",)):
+            tok = picolm.Tokenizer.from_metadata(
+                gpt2_metadata(extra=("he", "ll", "hell", "Ġw", "ĠĀłń") + odd))
+            every = tok.all_token_bytes()
+            self.assertEqual(every, [tok.token_bytes(i) for i in range(tok.n_vocab)])
+            self.assertEqual(every[0], b"")
+            self.assertEqual(sorted(every[1:257]), [bytes((b,)) for b in range(256)])
+        self.assertEqual(every[-1], b"a b\xe2\x82\xac")
+        tok = picolm.Tokenizer.from_metadata(spm_metadata())
+        self.assertEqual(tok.all_token_bytes(),
+                         [tok.token_bytes(i) for i in range(tok.n_vocab)])
 
     def test_bad_metadata_raises_value_error(self):
         cases = [
