@@ -3939,7 +3939,8 @@ class Model:
                 token = sampler.sample(logits)
             elif argmax_first:
                 budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
-                token = constraint.choose(sampler, self.accel.logits_array, budget, best)
+                token = constraint.choose(sampler, self.accel.logits_array, budget, best,
+                                          self.accel.top)
             else:
                 budget = min(max_tokens - n - 1, self.n_ctx - len(self.tokens))
                 token = constraint.choose(sampler, logits, budget)
@@ -4199,10 +4200,10 @@ class JsonConstraint:
             return None
         return after
 
-    def choose(self, sampler, logits, budget, best=None):
-        """The next token. best: the sampler's pick when it is known already (greedy on
-        the accelerator); logits may then be a function that makes them, called only if
-        the grammar refuses best."""
+    def choose(self, sampler, logits, budget, best=None, top=None):
+        """The next token. best, top: greedy on the accelerator knows the sampler's pick
+        and gives the ids of the k largest logits (top(k)) without making the logits;
+        logits may then be a function that makes them, called only for a mask."""
         token = sampler.sample(logits) if best is None else best
         eog = self.tokenizer.eog_ids
         if token in eog:
@@ -4213,14 +4214,14 @@ class JsonConstraint:
             if after is not None:
                 self.state = after
                 return token
-        if callable(logits):
-            logits = logits()
         if sampler.temperature <= 0.0:
             # greedy: the masked argmax is the first token the grammar takes in order of
             # falling logits (ties: lowest id first, as Sampler picks), usually among
             # the next few; the index is built only if none of them is taken
-            for token in heapq.nlargest(JSON_GREEDY_TRIES, range(len(logits)),
-                                        key=logits.__getitem__):
+            ranked = (top(JSON_GREEDY_TRIES) if top is not None else
+                      heapq.nlargest(JSON_GREEDY_TRIES, range(len(logits)),
+                                     key=logits.__getitem__))
+            for token in ranked:
                 if token in eog:
                     if json_is_complete(self.state):
                         return token
@@ -4229,6 +4230,8 @@ class JsonConstraint:
                 if after is not None:
                     self.state = after
                     return token
+        if callable(logits):
+            logits = logits()
         if self.index is None:
             tok = self.tokenizer
             self.index = tok._json_index = JsonTokenIndex(tok.all_token_bytes())

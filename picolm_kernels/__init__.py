@@ -165,7 +165,7 @@ def _declare(lib):
         "pk_model_free": (None, [p]),
         "pk_model_threads": (i32, [p]),
         "pk_forward": (i32, [p, p, i32, i32, p, i64, p, i32]),
-        "pk_argmax": (i64, [p, i64]),
+        "pk_top": (i64, [p, i64, i64, p]),
         "pk_f32_to_f16": (None, [p, p, i64]),
         "pk_profile": (None, [i32, p]),
     }
@@ -486,12 +486,12 @@ class AcceleratedModel:
 
     def forward_argmax(self, tokens, pos):
         """forward() for greedy decoding: the index of the last token's largest logit (the
-        logits stay available through logits_array())."""
+        logits stay available through top() and logits_array())."""
         n = self._tokens(tokens)
         rc = self.lib.pk_forward(self.handle, self._tok, n, pos, self._kv_addr, self.kv_bytes,
                                  self._logits_addr, 1)
         self._check(rc, tokens, pos)
-        return self.lib.pk_argmax(self._logits_addr, self.n_vocab)
+        return self.argmax()
 
     def forward_all(self, tokens, pos):
         """Every token's logits: an array('f') of len(tokens) * n_vocab."""
@@ -506,7 +506,12 @@ class AcceleratedModel:
         """Index of the largest logit of the last forward(..., want_logits=True) (first on
         ties, like max() over the list): greedy decoding without the ~2 ms a Python argmax
         over 49152 floats costs."""
-        return self.lib.pk_argmax(self._logits_addr, self.n_vocab)
+        return self.top(1)[0]
+
+    def top(self, k):
+        """The ids of the last logits' k largest, largest first (lower id first on ties)."""
+        ids = (ctypes.c_int64 * k)()
+        return ids[:self.lib.pk_top(self._logits_addr, self.n_vocab, k, ids)]
 
     def logits_array(self):
         """The last logits as an array('f') (a memcpy; a list costs ~0.5 ms more)."""

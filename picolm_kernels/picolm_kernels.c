@@ -42,7 +42,7 @@
  *   void pk_model_free(pk_model *);  int pk_model_threads(const pk_model *);
  *   int pk_forward(pk_model *, const int32_t *tokens, int n_tokens, int pos, void *kv,
  *                  int64_t kv_bytes, float *logits_or_NULL, int logits_mode);
- *   int64_t pk_argmax(const float *x, int64_t n);
+ *   int64_t pk_top(const float *x, int64_t n, int64_t k, int64_t *ids);
  *   void pk_f32_to_f16(const float *x, uint16_t *out, int64_t n);
  *   void pk_profile(int on, double *seconds_out_or_NULL);
  * A model (or pool) must be used by one caller thread at a time.
@@ -2431,10 +2431,19 @@ PK_EXPORT int pk_forward(pk_model *m, const int32_t *tokens, int n_tokens, int p
     return 0;
 }
 
-/* index of the largest of n floats (first on ties), for greedy sampling without Python */
-PK_EXPORT int64_t pk_argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return best;
+/* the indices of the k largest of n floats, largest first and the lower index first
+ * among equals (as Python's max() and a stable sort take them): greedy decoding, and
+ * the next-best tokens --json tries, without Python scanning the logits. Returns how
+ * many were written: min(k, n). */
+PK_EXPORT int64_t pk_top(const float *x, int64_t n, int64_t k, int64_t *ids) {
+    if (k > n) k = n;
+    if (k <= 0) return 0;
+    int64_t kept = 0; /* ids[0..kept) in order */
+    for (int64_t i = 0; i < n; i++) {
+        if (kept == k && !(x[i] > x[ids[k - 1]])) continue;
+        int64_t j = kept < k ? kept++ : k - 1;
+        for (; j > 0 && x[i] > x[ids[j - 1]]; j--) ids[j] = ids[j - 1];
+        ids[j] = i;
+    }
+    return kept;
 }

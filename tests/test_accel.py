@@ -12,6 +12,7 @@ is absent (tools/get_model.py fetches it).
 """
 import array
 import atexit
+import ctypes
 import fractions
 import json
 import math
@@ -21,6 +22,7 @@ import shutil
 import struct
 import sys
 import pathlib
+import random
 import tempfile
 import unittest
 
@@ -559,6 +561,20 @@ class TestKernels(unittest.TestCase):
                     except OverflowError:
                         want = 0x7C00 | (0x8000 if v < 0 else 0)
                     assert h == want, "%r -> %04x, expected %04x" % (v, h, want)
+
+    def test_top_orders_like_a_stable_sort(self):
+        rng = random.Random(5)
+        for kind in ["native", "plain"]:
+            lib = variant(kind)
+            for n, k in [(1, 1), (10, 3), (1000, 256), (300, 1000), (50, 0)]:
+                with self.subTest(kind=kind, n=n, k=k):
+                    # few distinct values: many ties, which the lower id wins
+                    xs = array.array("f", [rng.choice([-1e30, -2.5, 0.0, 0.5, 3.0]) + rng.randrange(3)
+                                           for _ in range(n)])
+                    ids = (ctypes.c_int64 * max(k, 1))()
+                    got = ids[:lib.pk_top(xs.buffer_info()[0], n, k, ids)]
+                    want = sorted(range(n), key=lambda i: -xs[i])[:k]
+                    assert got == want, (got[:8], want[:8])
 
     def test_pool_survives_many_dispatches_and_idle_sleep(self):
         zoo = self.zoo
