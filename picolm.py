@@ -1454,11 +1454,9 @@ def _expf_far(z, n, j):
 
 
 def swiglu_ggml(gate, up):
-    """swiglu_ggml: silu(g) * u = g / (1 + e^-g) * u in float32, e^-g by expf_ggml where
-    ggml's 8-wide loop runs and by libm's expf (correctly rounded here) on the tail."""
-    body = len(gate) & ~7
-    e = list(expf_ggml(_f32(map(operator.sub, repeat(0.0), gate[:body]))))
-    e += [_to_f32(math.exp(min(-g, 100.0))) for g in gate[body:]]
+    """swiglu_ggml: silu(g) * u = g / (1 + e^-g) * u in float32, e^-g by expf_ggml (ggml's
+    8-wide loop covers every element: n_ff is a multiple of ffn_down's 32-element blocks)."""
+    e = expf_ggml(_f32(map(operator.sub, repeat(0.0), gate)))
     sig = _f32(map(operator.truediv, gate, _f32(map(operator.add, repeat(1.0), e))))
     return _f32(map(operator.mul, sig, up))
 
