@@ -911,9 +911,8 @@ def _lanes(count):
 
 
 @lru_cache(maxsize=64)
-def _byte_spans(size, count):
-    """A struct that splits bytes into count pieces of size bytes."""
-    return struct.Struct("%ds" % size * count)
+def _columns(R, n):
+    return struct.Struct("%ds" % (_W * R) * n)
 
 
 _SIGN = _table(lambda b: 0xFF if b & 0x80 else 0)
@@ -930,7 +929,7 @@ def _lane_dots(planes, R, n, X, slices, start):
         plane, m, step = memoryview(plane), n // period, _W * R * period
         for r in range(R):
             buf[_W * (phase * R + r) + byte::step] = plane[r * m:(r + 1) * m]
-    cols = list(map(int.from_bytes, _byte_spans(_W * R, n).unpack(buf), repeat("little")))
+    cols = list(map(int.from_bytes, _columns(R, n).unpack(buf), repeat("little")))
     ones, width, mul = _ones(R), _W * R, operator.mul
     # Lanes end as bias + value: flipping their top bits leaves the value in
     # two's complement, which is sign-extended to 8 bytes for struct.
@@ -1027,15 +1026,16 @@ PACK_ROWS = 4096            # rows per column int: keeps a column (20 KB) in cac
 
 def packed_bytes(tensor):
     """The RAM PackedRows takes for all of tensor's rows."""
-    return column_bytes(tensor, _W) + 40 * tensor.n_rows
+    return column_bytes(tensor, _W, PACK_ROWS) + 40 * tensor.n_rows
 
 
-def column_bytes(tensor, width):
-    """The RAM of tensor's columns as ints of width-byte lanes, PACK_ROWS lanes an int."""
+def column_bytes(tensor, width, rows_per_int):
+    """The RAM of tensor's columns as ints of width-byte lanes, rows_per_int lanes an int
+    (each int and its pointer in a list)."""
     def chunk(rows):
         return tensor.n_cols * (sys.getsizeof(1 << (8 * width * rows - 1)) + 8)
-    full, rest = divmod(tensor.n_rows, PACK_ROWS)
-    return full * chunk(PACK_ROWS) + (chunk(rest) if rest else 0)
+    full, rest = divmod(tensor.n_rows, rows_per_int)
+    return full * chunk(rows_per_int) + (chunk(rest) if rest else 0)
 
 
 class StreamedRows:
@@ -1555,8 +1555,9 @@ class Q8X:
 
 # Bytes per lane of a GgmlRows column: a Q4_1 lane sum (4 products of 0..15 by -127..127)
 # fits 16 bits; a Q8_0 one (4 products of int8 by int8) needs 18.
-_GGML_LANE_BYTES = {GGML_Q4_1: 2, GGML_Q8_0: 4}
-_LANE_MAGIC = b"\0\0\0\0\0\0\x30\x42"  # the double 2**36: lane bytes 2..5 add their value
+_GGML_LANE_BYTES = {GGML_Q4_1: 2, GGML_Q8_0: 3}
+_LANE_MAGIC = b"\0\0\0\0\0\0\x30\x42"  # the double 2**36: lane bytes 2..4 add their value
+GGML_ROWS = 1024  # rows per column int: the streamed form's scratch stays a few MB
 
 
 class GgmlRows:
@@ -1572,8 +1573,8 @@ class GgmlRows:
         self.tensor, self.start, self.end = tensor, start, end
         self.chunks = None
         if packed:
-            self.chunks = [self._unpack(first, min(PACK_ROWS, end - first))
-                           for first in range(start, end, PACK_ROWS)]
+            self.chunks = [self._unpack(first, min(GGML_ROWS, end - first))
+                           for first in range(start, end, GGML_ROWS)]
 
     @staticmethod
     def prepare(x):
@@ -1581,10 +1582,12 @@ class GgmlRows:
 
     @staticmethod
     def packed_bytes(tensor):
-        """The RAM a packed GgmlRows takes for all of tensor's rows: the columns, and d
+        """The RAM a packed GgmlRows takes for all of tensor's rows: the columns (plus 32
+        bytes of malloc's header and rounding for each: ints this small are many), and d
         (and m) of every block as 4-byte floats."""
         scales = 2 if tensor.type == GGML_Q4_1 else 1
-        return (column_bytes(tensor, _GGML_LANE_BYTES[tensor.type])
+        n_ints = tensor.n_cols * -(-tensor.n_rows // GGML_ROWS)
+        return (column_bytes(tensor, _GGML_LANE_BYTES[tensor.type], GGML_ROWS) + 32 * n_ints
                 + 4 * scales * tensor.n_rows * (tensor.n_cols // 32))
 
     def _unpack(self, first, R):
@@ -1607,7 +1610,9 @@ class GgmlRows:
                     buf[(c + 16) * span:(c + 17) * span:width] = plane.translate(_HI)
                 else:
                     buf[c * span:(c + 1) * span:width] = plane.translate(_INT8_TO_U)
-        cols = list(map(int.from_bytes, _byte_spans(span, n).unpack(buf), repeat("little")))
+        view = memoryview(buf)  # slices of it, not copies: packing peaks lower
+        cols = [int.from_bytes(view[c * span:(c + 1) * span], "little") for c in range(n)]
+        view.release()
         dw = self._halves(raw, rb, bb, nb, R, 0)
         return cols, dw, self._halves(raw, rb, bb, nb, R, 2) if q4_1 else None
 
@@ -1624,9 +1629,9 @@ class GgmlRows:
         if not qx.finite:
             return [math.nan] * (self.end - self.start)
         y = []
-        for i, first in enumerate(range(self.start, self.end, PACK_ROWS)):
+        for i, first in enumerate(range(self.start, self.end, GGML_ROWS)):
             chunk = (self.chunks[i] if self.chunks is not None
-                     else self._unpack(first, min(PACK_ROWS, self.end - first)))
+                     else self._unpack(first, min(GGML_ROWS, self.end - first)))
             y += ggml_dots(self.tensor.type, qx, *chunk)
         return y
 
@@ -1643,28 +1648,32 @@ def ggml_dots(type_id, qx, cols, dw, mw):
     bias = 1 << (8 * width - 1)  # every lane starts at bias: its sum is then non-negative
     offset = 128 if type_id == GGML_Q8_0 else 0  # stored Q8_0 weights are int8 + 128
     ones, q, mul = _lane_ones(width, R), qx.q, operator.mul
-    sums = []
-    for c in range(0, len(q), 4):
-        y = q[c:c + 4]
-        sums.append(sum(map(mul, y, cols[c:c + 4]), (bias - offset * sum(y)) * ones)
-                    .to_bytes(width * R, "little"))
-    # every lane into the mantissa of 2**36 (_LANE_MAGIC): lane + bias + 2**36, exactly
-    joined = b"".join(sums)
+    base, span = 2.0 ** 36 + bias, 8 * R
+    acc, ms = [0.0] * span, [0.0] * R
+    for b in range(nb):
+        sums = []
+        for c in range(32 * b, 32 * b + 32, 4):
+            y = q[c:c + 4]
+            sums.append(sum(map(mul, y, cols[c:c + 4]), (bias - offset * sum(y)) * ones)
+                        .to_bytes(width * R, "little"))
+        lanes = _lane_doubles(b"".join(sums), width)
+        scale = list(map(mul, dw[b * R:(b + 1) * R], repeat(qx.d[b]))) * 8
+        acc = _f32([a + d * (v - base) for a, d, v in zip(acc, scale, lanes)])
+        if mw is not None:
+            ms = _f32(map(operator.add, ms, map(mul, mw[b * R:(b + 1) * R], repeat(qx.s[b]))))
+    return _fadd(hsum8([acc[k * R:(k + 1) * R] for k in range(8)]), ms).tolist()
+
+
+def _lane_doubles(joined, width):
+    """Every width-byte lane of joined put into the mantissa of 2**36 (_LANE_MAGIC):
+    the doubles 2**36 + lane, exactly."""
     doubles = bytearray(_LANE_MAGIC * (len(joined) // width))
     for k in range(width):
         doubles[2 + k::8] = joined[k::width]
     lanes = array.array("d", doubles)
     if sys.byteorder == "big":
         lanes.byteswap()
-    base, span = 2.0 ** 36 + bias, 8 * R
-    acc, ms = [0.0] * span, [0.0] * R
-    for b in range(nb):
-        scale = list(map(mul, dw[b * R:(b + 1) * R], repeat(qx.d[b]))) * 8
-        acc = _f32([a + d * (v - base) for a, d, v in
-                    zip(acc, scale, lanes[b * span:(b + 1) * span])])
-        if mw is not None:
-            ms = _f32(map(operator.add, ms, map(mul, mw[b * R:(b + 1) * R], repeat(qx.s[b]))))
-    return _fadd(hsum8([acc[k * R:(k + 1) * R] for k in range(8)]), ms).tolist()
+    return lanes
 
 
 def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched):

@@ -104,6 +104,20 @@ class TestTinyModels(unittest.TestCase):
         self.assertTrue(batched != single, "the two orders agree to the last bit")
         self.assertLess(max(abs(a - b) for a, b in zip(batched, single)), 1e-5)
 
+    def test_memory_estimate(self):
+        """GgmlRows.packed_bytes, which --pack auto relies on, is what the packed rows take
+        (less malloc's overhead, which it counts too)."""
+        name, args = MODELS[0]
+        with picolm.GGUFFile(model_path(name, **args)) as f:
+            for tensor in (f.tensors["token_embd.weight"], f.tensors["blk.0.ffn_up.weight"]):
+                rows = picolm.GgmlRows(tensor, 0, tensor.n_rows, True)
+                taken = sum(sum(sys.getsizeof(c) + 8 for c in cols) + len(dw) * dw.itemsize
+                            + (len(mw) * mw.itemsize if mw is not None else 0)
+                            for cols, dw, mw in rows.chunks)
+                estimate = picolm.GgmlRows.packed_bytes(tensor)
+                self.assertGreaterEqual(estimate, taken)
+                self.assertLess(estimate, 1.25 * taken)
+
     def test_other_types_keep_exact_arithmetic(self):
         """A model with one matrix of another type (here an F16 output) takes the exact
         float64 path."""
