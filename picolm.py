@@ -1420,10 +1420,10 @@ def _bits_float(bits):
 
 
 def expf_ggml(xs):
-    """expf_ggml (ggml_v_expf) of every value of the sequence xs, as an array('f'): e^x = 2^n * (1 + j),
-    n = round(x * log2(e)) by the 1.5*2^23 shift, j a polynomial of the reduced b; every
-    step a float32 operation or FMA (n * ln2 and the polynomial's products are exact in a
-    double)."""
+    """expf_ggml (ggml_v_expf) of every value of the sequence xs, as an array('f'):
+    e^x = 2^n * (1 + j), n = round(x * log2(e)) by the 1.5*2^23 shift, j a polynomial of
+    the reduced b; every step a float32 operation or FMA (n * ln2 and the polynomial's
+    products are exact in a double)."""
     mul, add, sub = operator.mul, operator.add, operator.sub
     c1, c2, c3, c4, c5 = _EXP_C
     z = _f32(map(add, map(mul, xs, repeat(_EXP_LOG2E)), repeat(_EXP_SHIFT)))
@@ -1436,7 +1436,8 @@ def expf_ggml(xs):
     j = _f32(map(add, map(mul, _f32(map(add, map(mul, p, u), r)), u),
                  _f32(map(mul, b, repeat(c1)))))
     # k = 2^n; fma(k, j, k) = k * (1 + j), both steps exact in a double
-    out = _f32(map(mul, map(math.ldexp, repeat(1.0), map(int, n)), map(add, j, repeat(1.0))))
+    k = [math.ldexp(1.0, int(v)) if abs(v) <= 126.0 else 0.0 for v in n]
+    out = _f32(map(mul, k, map(add, j, repeat(1.0))))
     for i, v in enumerate(n):
         if abs(v) > 126.0:  # 2^n is no float32: expf_ggml's two-step scaling
             out[i] = _expf_far(z[i], v, j[i])
