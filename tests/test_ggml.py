@@ -104,6 +104,23 @@ class TestTinyModels(unittest.TestCase):
         self.assertTrue(batched != single, "the two orders agree to the last bit")
         self.assertLess(max(abs(a - b) for a, b in zip(batched, single)), 1e-5)
 
+    def test_which_tokens_attend_as_a_batch(self):
+        """As pk_forward: every token of a call with several ids is part of llama.cpp's
+        batch, except a last one alone in a new micro-batch of 512 (and a call's only
+        token)."""
+        name, args = MODELS[0]
+        path = model_path("long-context", **dict(args, n_ctx_train=1024))
+        with picolm.Model(path, n_ctx=1024, accelerate=False) as model:
+            flags = []
+            model.forward = lambda token, pos, want_logits=True, batched=False: (
+                flags.append(batched) or [0.0])
+            for n in (1, 2, 513, 512):
+                del flags[:]
+                model.reset()
+                model.eval([1] * n)
+                lone = n % picolm.LLAMA_UBATCH == 1
+                self.assertEqual(flags, [True] * (n - 1) + [not lone], n)
+
     def test_memory_estimate(self):
         """GgmlRows.packed_bytes, which --pack auto relies on, is what the packed rows take
         (less malloc's overhead, which it counts too)."""
