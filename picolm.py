@@ -1396,11 +1396,6 @@ def rmsnorm_ggml(x, weight, eps):
     return _f32(map(operator.mul, _f32(map(operator.mul, x, repeat(scale))), weight))
 
 
-def add_f32(x, delta):
-    """The residual update x += delta in float32."""
-    return _fadd(x, delta)
-
-
 # ggml_v_expf's constants (picolm_kernels.c expf_ggml)
 _EXP_SHIFT = float.fromhex("0x1.8p23")
 _EXP_LOG2E = float.fromhex("0x1.715476p+0")
@@ -4240,7 +4235,7 @@ class Model:
         batched: the token is one of a batch (llama.cpp attends in another order then)."""
         cfg, kv = self.config, self.kv
         norm, gated = (rmsnorm_ggml, swiglu_ggml) if self.ggml else (rmsnorm, swiglu)
-        residual = add_f32 if self.ggml else add_into
+        residual = _fadd if self.ggml else add_into  # x + delta, in float32 or in place
         n_groups = len(LAYER_GROUPS)
         row = row_bytes(self.embedding.type, cfg.n_embd)
         x = dequantize(self.embedding.type, self.embedding.data[token * row:(token + 1) * row],
