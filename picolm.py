@@ -895,9 +895,14 @@ _CHUNK_ROWS = 64                 # rows per lane integer
 
 
 @lru_cache(maxsize=64)
+def _lane_ones(width, count):
+    """1 in every width-byte lane of a count-lane integer."""
+    return ((1 << (8 * width * count)) - 1) // ((1 << (8 * width)) - 1)
+
+
 def _ones(R):
     """1 in every lane of an R-lane integer."""
-    return ((1 << (8 * _W * R)) - 1) // ((1 << (8 * _W)) - 1)
+    return _lane_ones(_W, R)
 
 
 @lru_cache(maxsize=64)
@@ -1021,10 +1026,16 @@ PACK_ROWS = 4096            # rows per column int: keeps a column (20 KB) in cac
 
 def packed_bytes(tensor):
     """The RAM PackedRows takes for all of tensor's rows."""
+    return column_bytes(tensor, _W, PACK_ROWS) + 40 * tensor.n_rows
+
+
+def column_bytes(tensor, width, rows_per_int):
+    """The RAM of tensor's columns as ints of width-byte lanes, rows_per_int lanes an int
+    (each int and its pointer in a list)."""
     def chunk(rows):
-        return tensor.n_cols * (sys.getsizeof(1 << (8 * _W * rows - 1)) + 8) + 40 * rows
-    full, rest = divmod(tensor.n_rows, PACK_ROWS)
-    return full * chunk(PACK_ROWS) + (chunk(rest) if rest else 0)
+        return tensor.n_cols * (sys.getsizeof(1 << (8 * width * rows - 1)) + 8)
+    full, rest = divmod(tensor.n_rows, rows_per_int)
+    return full * chunk(rows_per_int) + (chunk(rest) if rest else 0)
 
 
 class StreamedRows:
@@ -1159,7 +1170,7 @@ def _scaled_blocks(type_id, data, R, K):
     slopes = [round(a * s / spec.F) for a, s in zip(scale, row_scale)]
     bases = [round((b - a * spec.centre) * s) + (PACK_OFFSET << 16) + (1 << 15)
              for a, b, s in zip(scale, offset, row_scale)]
-    ones, span = _ones8(size), 8 * size
+    ones, span = _lane_ones(8, size), 8 * size
     view = memoryview(lanes)
     for i, (slope, base) in enumerate(zip(slopes, bases)):
         o = i * span
@@ -1184,14 +1195,11 @@ def _scaled_floats(type_id, data, R, K):
     return bytearray(doubles.tobytes()), exps
 
 
-@lru_cache(maxsize=16)
-def _ones8(count):
-    """1 in every 8-byte lane of a count-lane integer."""
-    return ((1 << (64 * count)) - 1) // ((1 << 64) - 1)
-
-
-def row_kernels(tensors, share, n_shares, packed):
-    """share's rows of every tensor, packed or streamed."""
+def row_kernels(tensors, share, n_shares, packed, ggml=False):
+    """share's rows of every tensor, packed or streamed; with ggml's arithmetic (GgmlRows)
+    or exact."""
+    if ggml:
+        return [GgmlRows(t, *share_bounds(t.n_rows, share, n_shares), packed) for t in tensors]
     kind = PackedRows if packed else StreamedRows
     return [kind(t, *share_bounds(t.n_rows, share, n_shares)) for t in tensors]
 
@@ -1315,6 +1323,423 @@ def _packed_row(values):
     e = _row_exponents([max(map(abs, values))])[0]
     scale = math.ldexp(1.0, e)
     return e, [round(v * scale) + PACK_OFFSET for v in values]
+
+
+
+# ---------------------------------------------------------------------------
+# llama.cpp's float32 arithmetic, bit for bit, for models whose matrices are all Q4_1 or Q8_0
+#
+# llama.cpp's logits are chaotic in their last bits: exact float64 arithmetic (above) lands
+# 0.1-0.5 away from them, enough to change greedy picks where its top two are 0.1 apart.
+# picolm_kernels.c reproduces ggml's float32 operations for Q4_1 and Q8_0 matrices; for such
+# models the pure path computes the same operations in the same order, so its logits equal
+# the accelerator's (and llama.cpp's) bit for bit. Each function names the C function it
+# repeats; the facts are ggml's, stated there.
+#
+# float32 in Python: array('f') rounds each double to float32 (nearest even). The sum,
+# difference, product or quotient of two float32 values rounded to double and then to
+# float32 is the float32 result (a double has more than twice the bits). An FMA a*b + c
+# whose product is exact in a double (it is for two float32 factors) is one double rounding
+# and one float32 rounding here: that differs from the fused result only when the double
+# lands exactly on a float32 tie, about 2**-29 of the time.
+# ---------------------------------------------------------------------------
+
+GGML_EXACT_TYPES = (GGML_Q4_1, GGML_Q8_0)
+LLAMA_UBATCH = 512  # llama.cpp's default micro-batch
+
+
+def _f32(values):
+    """values rounded to float32, as an array('f')."""
+    return array.array("f", values)
+
+
+def _to_f32(value):
+    return array.array("f", (value,))[0]
+
+
+def _fadd(a, b):
+    """a + b element by element in float32."""
+    return array.array("f", map(operator.add, a, b))
+
+
+def halves(values):
+    """values rounded to FP16 and back (nearest even; inf from 65520 up, as F16C does)."""
+    values = to_half_range(values)
+    fmt = "<%de" % len(values)
+    return struct.unpack(fmt, struct.pack(fmt, *values))
+
+
+def hsum8(lanes):
+    """ggml's hsum_float_8 of 8 float32 sequences, element by element:
+    ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
+    l0, l1, l2, l3, l4, l5, l6, l7 = lanes
+    return _fadd(_fadd(_fadd(l0, l4), _fadd(l2, l6)), _fadd(_fadd(l1, l5), _fadd(l3, l7)))
+
+
+def reduce_f16dot(lanes):
+    """picolm_kernels.c reduce_f16dot (ggml_vec_dot_f16's reduction of its four 8-lane
+    accumulators) of 32 float32 sequences, element by element."""
+    x = [_fadd(_fadd(lanes[i], lanes[16 + i]), _fadd(lanes[8 + i], lanes[24 + i]))
+         for i in range(8)]
+    t = [_fadd(x[i], x[i + 4]) for i in range(4)]
+    return _fadd(_fadd(t[0], t[1]), _fadd(t[2], t[3]))
+
+
+def rmsnorm_ggml(x, weight, eps):
+    """rmsnorm_ggml: the float32 squares summed in order in a double, the mean and
+    1/sqrt(mean + eps) in float32, then x * scale * weight."""
+    total = 0.0
+    for square in _f32(map(operator.mul, x, x)):
+        total += square  # in order, as C does (sum() compensates on Python 3.12+)
+    mean = _to_f32(total / len(x))
+    scale = _to_f32(1.0 / _to_f32(math.sqrt(_to_f32(mean + _to_f32(eps)))))
+    return _f32(map(operator.mul, _f32(map(operator.mul, x, repeat(scale))), weight))
+
+
+# ggml_v_expf's constants (picolm_kernels.c expf_ggml)
+_EXP_SHIFT = float.fromhex("0x1.8p23")
+_EXP_LOG2E = float.fromhex("0x1.715476p+0")
+_EXP_LN2_HI = float.fromhex("0x1.62e4p-1")
+_EXP_LN2_LO = float.fromhex("0x1.7f7d1cp-20")
+_EXP_C = [float.fromhex(h) for h in ("0x1.ffffecp-1", "0x1.fffdb6p-2", "0x1.555e66p-3",
+                                     "0x1.573e2ep-5", "0x1.0e4020p-7")]
+_F32_BITS = struct.Struct("<I")
+
+
+def _float_bits(value):
+    return _F32_BITS.unpack(struct.pack("<f", value))[0]
+
+
+def _bits_float(bits):
+    return struct.unpack("<f", _F32_BITS.pack(bits & 0xFFFFFFFF))[0]
+
+
+def expf_ggml(xs):
+    """expf_ggml (ggml_v_expf) of every value of the sequence xs, as an array('f'):
+    e^x = 2^n * (1 + j), n = round(x * log2(e)) by the 1.5*2^23 shift, j a polynomial of
+    the reduced b; every step a float32 operation or FMA (n * ln2 and the polynomial's
+    products are exact in a double)."""
+    mul, add, sub = operator.mul, operator.add, operator.sub
+    c1, c2, c3, c4, c5 = _EXP_C
+    z = _f32(map(add, map(mul, xs, repeat(_EXP_LOG2E)), repeat(_EXP_SHIFT)))
+    n = [v - _EXP_SHIFT for v in z]  # exact: both float32 in [2^22, 2^24)
+    b = _f32(map(sub, _f32(map(sub, xs, map(mul, n, repeat(_EXP_LN2_HI)))),
+                 map(mul, n, repeat(_EXP_LN2_LO))))
+    u = _f32(map(mul, b, b))
+    p = _f32(map(add, map(mul, b, repeat(c5)), repeat(c4)))
+    r = _f32(map(add, map(mul, b, repeat(c3)), repeat(c2)))
+    j = _f32(map(add, map(mul, _f32(map(add, map(mul, p, u), r)), u),
+                 _f32(map(mul, b, repeat(c1)))))
+    # k = 2^n; fma(k, j, k) = k * (1 + j), both steps exact in a double
+    k = [math.ldexp(1.0, int(v)) if abs(v) <= 126.0 else 0.0 for v in n]
+    out = _f32(map(mul, k, map(add, j, repeat(1.0))))
+    for i, v in enumerate(n):
+        if abs(v) > 126.0:  # 2^n is no float32: expf_ggml's two-step scaling
+            out[i] = _expf_far(z[i], v, j[i])
+    return out
+
+
+def _expf_far(z, n, j):
+    """expf_ggml's result for |n| > 126 (the uint32 arithmetic on float bits of the C)."""
+    e = _float_bits(z) << 23
+    g = 0x82000000 if n <= 0.0 else 0
+    s1, s2 = _bits_float(g + 0x7F000000), _bits_float(e - g)
+    if abs(n) > 192.0:
+        return _to_f32(s1 * s1)
+    return _to_f32(_to_f32(s2 * j + s2) * s1)
+
+
+def swiglu_ggml(gate, up):
+    """swiglu_ggml: silu(g) * u = g / (1 + e^-g) * u in float32, e^-g by expf_ggml (ggml's
+    8-wide loop covers every element: n_ff is a multiple of ffn_down's 32-element blocks)."""
+    e = expf_ggml(_f32(map(operator.sub, repeat(0.0), gate)))
+    sig = _f32(map(operator.truediv, gate, _f32(map(operator.add, repeat(1.0), e))))
+    return _f32(map(operator.mul, sig, up))
+
+
+# --- glibc's sinf and cosf (sysdeps/ieee754/flt-32/s_sincosf.h), which ggml's RoPE calls:
+# a double polynomial rounded to float32, off the correctly rounded value for about 1 in 40
+# of RoPE's angles, so it is repeated here. On x86-64 with FMA, glibc's variant fuses every
+# a + b*c, mirrored by _fma_exact (math.fma where it exists).
+
+_HPI_INV = float.fromhex("0x1.45F306DC9C883p+23")  # 2/pi * 2^24
+_HPI = float.fromhex("0x1.921FB54442D18p0")
+_PI63 = float.fromhex("0x1.921FB54442D18p-62")
+_COS_POLY = [float.fromhex(h) for h in ("0x1p0", "-0x1.ffffffd0c621cp-2", "0x1.55553e1068f19p-5",
+                                        "-0x1.6c087e89a359dp-10", "0x1.99343027bf8c3p-16")]
+_SIN_POLY = [float.fromhex(h) for h in ("-0x1.555545995a603p-3", "0x1.1107605230bc4p-7",
+                                        "-0x1.994eb3774cf24p-13")]
+_QUADRANT_SIGN = (1.0, -1.0, -1.0, 1.0)
+_INV_PIO4 = (0xa2, 0xa2f9, 0xa2f983, 0xa2f9836e, 0xf9836e4e, 0x836e4e44, 0x6e4e4415,
+             0x4e441529, 0x441529fc, 0x1529fc27, 0x29fc2757, 0xfc2757d1, 0x2757d1f5,
+             0x57d1f534, 0xd1f534dd, 0xf534ddc0, 0x34ddc0db, 0xddc0db62, 0xc0db6295,
+             0xdb629599, 0x6295993c, 0x95993c43, 0x993c4390, 0x3c439041)  # 4/pi, 8 bits a step
+_M64 = (1 << 64) - 1
+
+
+def _fma_exact(a, b, c):
+    """a * b + c rounded once (doubles as exact binary fractions)."""
+    (na, da), (nb, db), (nc, dc) = a.as_integer_ratio(), b.as_integer_ratio(), c.as_integer_ratio()
+    return (na * nb * dc + nc * da * db) / (da * db * dc)
+
+
+_fma = getattr(math, "fma", _fma_exact)
+
+
+def _sincosf_poly(x, x2, negate_cos, odd):
+    """sinf_poly: the sine polynomial for even quadrants, the cosine one (negated in
+    glibc's second table) for odd ones."""
+    if not odd:
+        s1, s2, s3 = _SIN_POLY
+        x3 = x * x2
+        return _to_f32(_fma(x3 * x2, _fma(x2, s3, s2), _fma(x3, s1, x)))
+    c0, c1, c2, c3, c4 = (-c for c in _COS_POLY) if negate_cos else _COS_POLY
+    x4 = x2 * x2
+    return _to_f32(_fma(x4 * x2, _fma(x2, c4, c3), _fma(x4, c2, _fma(x2, c1, c0))))
+
+
+def _reduce_large(bits):
+    """reduce_large: |y| >= 120 reduced modulo pi/2 with a 4/pi table, in integers."""
+    table = _INV_PIO4[(bits >> 26) & 15:]
+    xi = ((bits & 0xFFFFFF) | 0x800000) << ((bits >> 23) & 7)
+    res0 = (((xi * table[8]) >> 32) | (((xi * table[0]) & 0xFFFFFFFF) << 32)) & _M64
+    res0 = (res0 + xi * table[4]) & _M64
+    n = ((res0 + (1 << 61)) & _M64) >> 62
+    res0 = (res0 - (n << 62)) & _M64
+    return float(res0 - (res0 >> 63 << 64)) * _PI63, n
+
+
+def sincosf_glibc(y):
+    """(sinf(y), cosf(y)) as glibc computes them, for a float32 y."""
+    bits = _float_bits(y)
+    top = (bits >> 20) & 0x7FF
+    if top < 0x3F4:  # |y| < pi/4
+        if top < 0x398:  # |y| < 2^-12
+            return y, 1.0
+        return _sincosf_poly(y, y * y, False, 0), _sincosf_poly(y, y * y, False, 1)
+    if top < 0x42F:  # |y| < 120: one multiply-subtract
+        n = (int(y * _HPI_INV) + 0x800000) >> 24
+        x = _fma(-float(n), _HPI, y)
+        quadrant = n
+    else:
+        x, n = _reduce_large(bits)
+        quadrant = n + (bits >> 31)
+    x2, negate = x * x, bool(quadrant & 2)
+    x *= _QUADRANT_SIGN[quadrant & 3]
+    return _sincosf_poly(x, x2, negate, n & 1), _sincosf_poly(x, x2, negate, (n ^ 1) & 1)
+
+
+class Q8X:
+    """x quantized for a Q4_1 or Q8_0 product as ggml's quantize_row_q8_1 does it
+    (picolm_kernels.c quantize_q8): per block of 32, d = amax/127 and q = round-to-even(x *
+    (127/amax)), all float32, then d and s = d*sum(q) rounded to FP16."""
+
+    def __init__(self, x):
+        self.x = x
+        amax = [max(map(abs, x[i:i + 32])) for i in range(0, len(x), 32)]
+        # inf or nan has no 8-bit form (ggml makes garbage of it): the products are nan
+        self.finite = math.isfinite(math.fsum(amax))
+        if not self.finite:
+            return
+        d = _f32([a / 127.0 for a in amax])
+        inverse = _f32([127.0 / a if a else 0.0 for a in amax])
+        self.q = list(map(round, _f32(map(operator.mul, x, _per_weight(inverse, 32)))))
+        sums = [sum(self.q[i:i + 32]) for i in range(0, len(x), 32)]
+        self.d = halves(d)
+        self.s = halves(_f32(map(operator.mul, d, sums)))
+
+
+# Bytes per lane of a GgmlRows column: a Q4_1 lane sum (4 products of 0..15 by -127..127)
+# fits 16 bits; a Q8_0 one (4 products of int8 by int8) needs 18.
+_GGML_LANE_BYTES = {GGML_Q4_1: 2, GGML_Q8_0: 3}
+_LANE_MAGIC = b"\0\0\0\0\0\0\x30\x42"  # the double 2**36: lane bytes 2..4 add their value
+GGML_ROWS = 1024  # rows per column int: the streamed form's scratch stays a few MB
+
+
+class GgmlRows:
+    """Rows start..end-1 of a Q4_1 or Q8_0 matrix times x, as ggml computes them (see
+    ggml_dots). The weights are unpacked into columns: column c is one int whose lane r
+    (_GGML_LANE_BYTES wide) holds row r's integer weight c (0..15 for Q4_1; int8 + 128 for
+    Q8_0, so every lane is non-negative); packed, the columns are made once and kept,
+    else made from the map for every product."""
+
+    prep_key = "ggml"
+
+    def __init__(self, tensor, start, end, packed):
+        self.tensor, self.start, self.end = tensor, start, end
+        self.chunks = None
+        if packed:
+            self.chunks = [self._unpack(first, min(GGML_ROWS, end - first))
+                           for first in range(start, end, GGML_ROWS)]
+
+    @staticmethod
+    def prepare(x):
+        return Q8X(x)
+
+    @staticmethod
+    def packed_bytes(tensor):
+        """The RAM a packed GgmlRows takes for all of tensor's rows: the columns (plus 32
+        bytes of malloc's header and rounding for each: ints this small are many), and d
+        (and m) of every block as 4-byte floats."""
+        scales = 2 if tensor.type == GGML_Q4_1 else 1
+        n_ints = tensor.n_cols * -(-tensor.n_rows // GGML_ROWS)
+        return (column_bytes(tensor, _GGML_LANE_BYTES[tensor.type], GGML_ROWS) + 32 * n_ints
+                + 4 * scales * tensor.n_rows * (tensor.n_cols // 32))
+
+    def _unpack(self, first, R):
+        """(columns, d of every block (block-major, a row per element), m likewise or None)
+        for rows first..first+R-1. A Q4_1 block is d and m (FP16) and 16 bytes whose low
+        nibbles are weights 0..15 and high nibbles 16..31; a Q8_0 block is d (FP16) and 32
+        int8 weights."""
+        t = self.tensor
+        q4_1, n, width = t.type == GGML_Q4_1, t.n_cols, _GGML_LANE_BYTES[t.type]
+        rb, bb, nb = row_bytes(t.type, n), 20 if t.type == GGML_Q4_1 else 34, n // 32
+        raw = bytes(t.data[first * rb:(first + R) * rb])
+        span = width * R
+        buf = bytearray(span * n)  # column c is buf[c * span:(c + 1) * span]
+        for b in range(nb):
+            for j in range(16 if q4_1 else 32):
+                c = 32 * b + j
+                plane = raw[bb * b + (4 if q4_1 else 2) + j::rb]
+                if q4_1:
+                    buf[c * span:(c + 1) * span:width] = plane.translate(_LO)
+                    buf[(c + 16) * span:(c + 17) * span:width] = plane.translate(_HI)
+                else:
+                    buf[c * span:(c + 1) * span:width] = plane.translate(_INT8_TO_U)
+        view = memoryview(buf)  # slices of it, not copies: packing peaks lower
+        cols = [int.from_bytes(view[c * span:(c + 1) * span], "little") for c in range(n)]
+        view.release()
+        dw = self._halves(raw, rb, bb, nb, R, 0)
+        return cols, dw, self._halves(raw, rb, bb, nb, R, 2) if q4_1 else None
+
+    @staticmethod
+    def _halves(raw, rb, bb, nb, R, at):
+        """The FP16 at offset `at` of every block of R rows, block-major, as an array('f')."""
+        buf = bytearray(2 * R * nb)
+        for b in range(nb):
+            buf[2 * R * b:2 * R * (b + 1):2] = raw[bb * b + at::rb]
+            buf[2 * R * b + 1:2 * R * (b + 1):2] = raw[bb * b + at + 1::rb]
+        return _f32(struct.unpack("<%de" % (R * nb), buf))
+
+    def __call__(self, qx):
+        if not qx.finite:
+            return [math.nan] * (self.end - self.start)
+        y = []
+        for i, first in enumerate(range(self.start, self.end, GGML_ROWS)):
+            chunk = (self.chunks[i] if self.chunks is not None
+                     else self._unpack(first, min(GGML_ROWS, self.end - first)))
+            y += ggml_dots(self.tensor.type, qx, *chunk)
+        return y
+
+
+def ggml_dots(type_id, qx, cols, dw, mw):
+    """The rows' products with qx as picolm_kernels.c's q8_dots computes each: per block b,
+    8 integer lanes of 4 consecutive products; acc[k] = fma(d_w * d_x, lane k, acc[k]) in
+    float32 (d_w * d_x, two FP16 values, is exact); hsum8 of the 8 accumulators; for Q4_1
+    plus the float32 chain ms = fma(m_w, s_x, ms). Every row at once: a lane's sums for all
+    rows come from 4 big-int multiply-adds, and the float32 steps run over flat lists."""
+    nb = len(qx.d)
+    R = len(dw) // nb
+    width = _GGML_LANE_BYTES[type_id]
+    bias = 1 << (8 * width - 1)  # every lane starts at bias: its sum is then non-negative
+    offset = 128 if type_id == GGML_Q8_0 else 0  # stored Q8_0 weights are int8 + 128
+    ones, q, mul = _lane_ones(width, R), qx.q, operator.mul
+    base, span = 2.0 ** 36 + bias, 8 * R
+    acc, ms = [0.0] * span, [0.0] * R
+    for b in range(nb):
+        sums = []
+        for c in range(32 * b, 32 * b + 32, 4):
+            y = q[c:c + 4]
+            sums.append(sum(map(mul, y, cols[c:c + 4]), (bias - offset * sum(y)) * ones)
+                        .to_bytes(width * R, "little"))
+        lanes = _lane_doubles(b"".join(sums), width)
+        scale = list(map(mul, dw[b * R:(b + 1) * R], repeat(qx.d[b]))) * 8
+        acc = _f32([a + d * (v - base) for a, d, v in zip(acc, scale, lanes)])
+        if mw is not None:
+            ms = _f32(map(operator.add, ms, map(mul, mw[b * R:(b + 1) * R], repeat(qx.s[b]))))
+    return _fadd(hsum8([acc[k * R:(k + 1) * R] for k in range(8)]), ms).tolist()
+
+
+def _lane_doubles(joined, width):
+    """Every width-byte lane of joined put into the mantissa of 2**36 (_LANE_MAGIC):
+    the doubles 2**36 + lane, exactly."""
+    doubles = bytearray(_LANE_MAGIC * (len(joined) // width))
+    for k in range(width):
+        doubles[2 + k::8] = joined[k::width]
+    lanes = array.array("d", doubles)
+    if sys.byteorder == "big":
+        lanes.byteswap()
+    return lanes
+
+
+def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched):
+    """picolm_kernels.c attend_ggml for every head: K.q with q rounded to FP16, the scores
+    scaled, softmax by expf_ggml (sums of 8 by hsum8, added in a double), the weights
+    rounded to FP16, then V.w. llama.cpp computes the two products of a batch of tokens with
+    tinyBLAS (8 lanes) and those of a single token with ggml_vec_dot_f16 (32 lanes):
+    `batched` picks which (tinyBLAS needs head_dim a multiple of 8)."""
+    keys, values = kv.rows(layer, 0, n_pos), kv.rows(layer, 1, n_pos)
+    kv_dim, group, hd = kv.kv_dim, n_head // n_head_kv, head_dim
+    tiny = batched and hd % 8 == 0
+    lanes = 8 if tiny else 32
+    scale = _to_f32(1.0 / _to_f32(math.sqrt(hd)))
+    qh = halves(q)
+    padding = [0.0] * (-n_pos % lanes * hd)
+    out = []
+    for kv_head in range(n_head_kv):
+        off = kv_head * hd
+        key_columns = [keys[off + i::kv_dim] for i in range(hd)]  # dimension i, by position
+        value_rows = list(chain.from_iterable(values[p * kv_dim + off:p * kv_dim + off + hd]
+                                              for p in range(n_pos))) + padding
+        for h in range(kv_head * group, (kv_head + 1) * group):
+            scores = _f32(map(operator.mul, _f16_dots(key_columns, qh[h * hd:(h + 1) * hd], tiny),
+                              repeat(scale)))
+            e = expf_ggml(_f32(map(operator.sub, scores, repeat(max(scores)))))
+            padded = list(e) + [0.0] * (-n_pos % 8)
+            total = 0.0
+            for s in hsum8([padded[k::8] for k in range(8)]):
+                total += s  # in order, in a double
+            weights = halves(_f32(map(operator.mul, e, repeat(_to_f32(1.0 / total)))))
+            out += _weighted_values(value_rows, weights, hd, lanes)
+    return out
+
+
+def _f16_dots(key_columns, qh, tiny):
+    """kq_tinyblas (tiny) or kq_ggml of every position's key with qh, lane by lane over the
+    positions; the product of two FP16 values is exact in float32."""
+    n, n_pos = len(qh), len(key_columns[0])
+    lanes = 8 if tiny else 32
+    whole = n if tiny else n & ~31
+    acc = [[0.0] * n_pos for _ in range(lanes)]
+    for i in range(0, whole, lanes):
+        for j in range(lanes):
+            acc[j] = _f32(map(operator.add, acc[j],
+                              map(operator.mul, key_columns[i + j], repeat(qh[i + j]))))
+    if tiny:
+        return hsum8(acc)
+    dots = reduce_f16dot(acc) if whole else [0.0] * n_pos
+    if whole == n:
+        return dots
+    total = list(dots)  # the tail beyond the 32-element steps is added in a double
+    for i in range(whole, n):
+        total = list(map(operator.add, total,
+                         _f32(map(operator.mul, key_columns[i], repeat(qh[i])))))
+    return _f32(total)
+
+
+def _weighted_values(value_rows, weights, hd, lanes):
+    """v_accumulate and attend_ggml's reduction: position p adds w_p * V[p] (FMA, exact
+    product) into accumulator p % lanes, then the accumulators are reduced by hsum8
+    (8 lanes) or reduce_f16dot (32). value_rows is zero-padded to whole groups of lanes
+    (a zero weight adds an exact zero)."""
+    acc = [0.0] * (lanes * hd)
+    for p in range(0, len(weights), lanes):
+        w = weights[p:p + lanes]
+        w = chain.from_iterable(map(repeat, chain(w, repeat(0.0, lanes - len(w))), repeat(hd)))
+        acc = _f32(map(operator.add, acc,
+                       map(operator.mul, value_rows[p * hd:(p + lanes) * hd], w)))
+    rows = [acc[j * hd:(j + 1) * hd] for j in range(lanes)]
+    return (hsum8(rows) if lanes == 8 else reduce_f16dot(rows)).tolist()
 
 
 
@@ -3347,8 +3772,10 @@ def swiglu(gate, up):
 
 
 def add_into(x, delta):
+    """x += delta in place; returns x."""
     for i, d in enumerate(delta):
         x[i] += d
+    return x
 
 
 class RopeTable:
@@ -3368,23 +3795,70 @@ class RopeTable:
         self.inv_freq = inv_freq
         self.pos, self.cos, self.sin = None, None, None
 
+    def cos_sin(self, pos):
+        """The cosines and sines of position pos's angles (the last position's are kept)."""
+        if pos != self.pos:
+            self.pos = pos
+            self.cos, self.sin = self.angles(pos)
+        return self.cos, self.sin
+
+    def angles(self, pos):
+        angles = [pos * f for f in self.inv_freq]
+        return list(map(math.cos, angles)), list(map(math.sin, angles))
+
+    def partners(self):
+        """The index within a head of each rotated element, and of its partner."""
+        if self.pairing == ROPE_NORM:
+            return range(0, 2 * self.half, 2), range(1, 2 * self.half, 2)
+        return range(self.half), range(self.half, 2 * self.half)
+
     def rotate(self, vec, n_heads, head_dim, pos):
         """Rotates each head of `vec` in place by the angles of position `pos`."""
-        if pos != self.pos:
-            angles = [pos * f for f in self.inv_freq]
-            self.pos = pos
-            self.cos, self.sin = list(map(math.cos, angles)), list(map(math.sin, angles))
-        cos, sin = self.cos, self.sin
-        # index of the partner of each rotated element within a head
-        if self.pairing == ROPE_NORM:
-            first, second = range(0, 2 * self.half, 2), range(1, 2 * self.half, 2)
-        else:
-            first, second = range(self.half), range(self.half, 2 * self.half)
+        cos, sin = self.cos_sin(pos)
+        first, second = self.partners()
         for head in range(0, n_heads * head_dim, head_dim):
             for c, s, i, j in zip(cos, sin, first, second):
                 a, b = vec[head + i], vec[head + j]
                 vec[head + i] = a * c - b * s
                 vec[head + j] = a * s + b * c
+
+
+class RopeGgml(RopeTable):
+    """RopeTable as ggml computes it (picolm_kernels.c rope_table_ggml, rotate_ggml): theta
+    = pos * theta_scale^i by a float32 recurrence, theta_scale = powf(base, -2/n_rot) (the
+    rounded math.pow: glibc's powf gives the same for the bases and sizes we tried), glibc's
+    sinf and cosf of it, and each rotated element one float32 FMA."""
+
+    def __init__(self, n_rot, base, scale, pairing, freq_factors=None):
+        super().__init__(n_rot, base, scale, pairing, freq_factors)
+        self.theta_scale = _to_f32(math.pow(_to_f32(base), _to_f32(-2.0 / n_rot)))
+        self.freq_scale = _to_f32(scale)
+        self.freq_factors = freq_factors
+
+    def angles(self, pos):
+        theta, cos, sin = _to_f32(pos), [], []
+        for i in range(self.half):
+            t = theta if self.freq_factors is None else _to_f32(theta / self.freq_factors[i])
+            s, c = sincosf_glibc(_to_f32(self.freq_scale * t))
+            cos.append(c)
+            sin.append(s)
+            theta = _to_f32(theta * self.theta_scale)
+        return cos, sin
+
+    def rotate(self, vec, n_heads, head_dim, pos):
+        """x0' = fma(x0, c, -(x1 * s)), x1' = fma(x0, s, x1 * c), all heads at once."""
+        cos, sin = self.cos_sin(pos)
+        cos, sin = cos * n_heads, sin * n_heads
+        first, second = self.partners()
+        first = [head + i for head in range(0, n_heads * head_dim, head_dim) for i in first]
+        second = [head + i for head in range(0, n_heads * head_dim, head_dim) for i in second]
+        a, b, mul = [vec[i] for i in first], [vec[i] for i in second], operator.mul
+        new_a = _f32(map(operator.sub, map(mul, a, cos), _f32(map(mul, b, sin))))
+        new_b = _f32(map(operator.add, map(mul, a, sin), _f32(map(mul, b, cos))))
+        for i, v in zip(first, new_a):
+            vec[i] = v
+        for i, v in zip(second, new_b):
+            vec[i] = v
 
 
 class KVCache:
@@ -3485,8 +3959,8 @@ def attention(q, kv, layer, n_pos, n_head, n_head_kv, head_dim):
 class LocalMatmul:
     """Every row computed in this process."""
 
-    def __init__(self, groups, packed):
-        self.kernels = [row_kernels(group, 0, 1, packed) for group in groups]
+    def __init__(self, groups, packed, ggml=False):
+        self.kernels = [row_kernels(group, 0, 1, packed, ggml) for group in groups]
 
     def __call__(self, group_id, x):
         return multiply_group(self.kernels[group_id], x)
@@ -3509,7 +3983,7 @@ class ParallelMatmul:
     block is unlinked as soon as every worker has attached, so none is left behind.
     """
 
-    def __init__(self, path, group_names, groups, n_procs, packed):
+    def __init__(self, path, group_names, groups, n_procs, packed, ggml=False):
         self.groups = groups
         self.n_procs = n_procs
         self.workers, self.go_fds, self.done_fds = [], [], []
@@ -3521,9 +3995,9 @@ class ParallelMatmul:
         self.y_view = self.shm.buf[8 * (1 + max_in):].cast("d")
         try:
             for share in range(1, n_procs):
-                self.start_worker(path, group_names, share, max_in, packed)
+                self.start_worker(path, group_names, share, max_in, packed, ggml)
             # our own share is packed while the workers pack theirs
-            self.kernels = [row_kernels(group, 0, n_procs, packed) for group in groups]
+            self.kernels = [row_kernels(group, 0, n_procs, packed, ggml) for group in groups]
             self.wait_for_workers()
         except BaseException:
             self.close()
@@ -3531,11 +4005,11 @@ class ParallelMatmul:
         finally:
             self.shm.unlink()
 
-    def start_worker(self, path, group_names, share, max_in, packed):
+    def start_worker(self, path, group_names, share, max_in, packed, ggml):
         go_read, go_write = os.pipe()
         done_read, done_write = os.pipe()
         spec = (path, group_names, share, self.n_procs, self.shm.name, max_in,
-                go_read, done_write, packed)
+                go_read, done_write, packed, ggml)
         code = ("import importlib.util as u, sys; s = u.spec_from_file_location("
                 "'picolm_worker', %r); m = u.module_from_spec(s); s.loader.exec_module(m); "
                 "m.matmul_worker(*%r)" % (os.path.abspath(__file__), spec))
@@ -3610,14 +4084,14 @@ def attach_shared_memory(name):
 
 
 def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, done_fd,
-                  packed):
+                  packed, ggml):
     """A worker process: multiplies its share of every matrix's rows, on request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         model_file = GGUFFile(path)
         model_file.metadata.clear()  # only tensors are multiplied here: the vocabulary goes
         groups = [[model_file.tensors[name] for name in names] for names in group_names]
-        kernels = [row_kernels(group, share, n_procs, packed) for group in groups]
+        kernels = [row_kernels(group, share, n_procs, packed, ggml) for group in groups]
         shm = attach_shared_memory(shm_name)
     except BaseException:
         os.write(done_fd, b"-")
@@ -3675,11 +4149,11 @@ def load_accelerator():
     return picolm_kernels, library
 
 
-def choose_packing(mode, tensors, kv_bytes=0):
+def choose_packing(mode, tensors, kv_bytes=0, size=packed_bytes):
     """(pack or not, a line saying which and why) for --pack auto|on|off: auto packs
-    when the packed matrices, and the packed KV cache at full context (kv_bytes), take
-    under half of the memory available."""
-    need = (sum(map(packed_bytes, tensors)) + kv_bytes) / MB
+    when the packed matrices (size(tensor) bytes each), and the packed KV cache at full
+    context (kv_bytes), take under half of the memory available."""
+    need = (sum(map(size, tensors)) + kv_bytes) / MB
     if mode == "on":
         return True, "weights packed into RAM, %.0f MB (--pack on)" % need
     if mode == "off":
@@ -3767,8 +4241,16 @@ class Model:
             tensor_shape(tensors, "rope_freqs.weight", (cfg.rope_dim // 2,))
             rope_freqs = tensors["rope_freqs.weight"]
             freq_factors = dequantize(rope_freqs.type, rope_freqs.data, cfg.rope_dim // 2)
-        self.rope = RopeTable(cfg.rope_dim, cfg.rope_base, cfg.rope_scale, cfg.rope_pairing,
-                              freq_factors)
+        group_names = [["blk.%d.%s.weight" % (i, name) for name in group]
+                       for i in range(cfg.n_layer) for group in LAYER_GROUPS]
+        group_names.append([output_name])
+        # With every matrix Q4_1 or Q8_0 the pure path computes llama.cpp's float32
+        # arithmetic (as the accelerator does); otherwise exact float64 arithmetic.
+        self.ggml = all(tensors[name].type in GGML_EXACT_TYPES
+                        for names in group_names for name in names)
+        rope = RopeGgml if self.ggml else RopeTable
+        self.rope = rope(cfg.rope_dim, cfg.rope_base, cfg.rope_scale, cfg.rope_pairing,
+                         freq_factors)
         self.kv = KVCache(cfg.n_layer, n_ctx, cfg.n_head_kv * cfg.head_dim)
 
         self.threads = max(1, threads)
@@ -3783,31 +4265,39 @@ class Model:
                 library.pk_isa().decode("ascii", "replace"), self.threads, "s" if self.threads > 1 else "")
             self.tokens = []
             return
-        self.backend = "pure Python (accelerator: %s), %d process%s" % (
-            library, self.threads, "es" if self.threads > 1 else "")
-        group_names = [["blk.%d.%s.weight" % (i, name) for name in group]
-                       for i in range(cfg.n_layer) for group in LAYER_GROUPS]
-        group_names.append([output_name])
+        self.backend = "pure Python (accelerator: %s%s), %d process%s" % (
+            library, "; llama.cpp's arithmetic" if self.ggml else "", self.threads,
+            "es" if self.threads > 1 else "")
         self.output_group = len(group_names) - 1
         groups = [[tensors[name] for name in names] for names in group_names]
-        packed, self.weights = choose_packing(
-            pack, [t for g in groups for t in g],
-            PackedAttention.bytes_per_position(cfg.n_layer, cfg.n_head_kv, cfg.head_dim) * n_ctx)
+        if self.ggml:  # attention is ggml's too: no packed KV cache
+            packed, self.weights = choose_packing(pack, [t for g in groups for t in g],
+                                                  size=GgmlRows.packed_bytes)
+        else:
+            packed, self.weights = choose_packing(
+                pack, [t for g in groups for t in g],
+                PackedAttention.bytes_per_position(cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
+                * n_ctx)
         self.packed_attention = (PackedAttention(cfg.n_layer, cfg.n_head, cfg.n_head_kv,
-                                                 cfg.head_dim) if packed else None)
+                                                 cfg.head_dim) if packed and not self.ggml
+                                 else None)
         start = time.perf_counter()
         if self.threads > 1:
-            self.matmul = ParallelMatmul(self.path, group_names, groups, self.threads, packed)
+            self.matmul = ParallelMatmul(self.path, group_names, groups, self.threads, packed,
+                                         self.ggml)
         else:
-            self.matmul = LocalMatmul(groups, packed)
+            self.matmul = LocalMatmul(groups, packed, self.ggml)
         if packed:
             self.weights += "; packed in %.1f s" % (time.perf_counter() - start)
         self.tokens = []  # the tokens evaluated so far, one per filled cache position
 
     # -- the forward pass ----------------------------------------------------
-    def forward(self, token, pos, want_logits=True):
-        """Runs one token at position pos through the network; returns the logits."""
+    def forward(self, token, pos, want_logits=True, batched=False):
+        """Runs one token at position pos through the network; returns the logits.
+        batched: the token is one of a batch (llama.cpp attends in another order then)."""
         cfg, kv = self.config, self.kv
+        norm, gated = (rmsnorm_ggml, swiglu_ggml) if self.ggml else (rmsnorm, swiglu)
+        residual = _fadd if self.ggml else add_into  # x + delta, in float32 or in place
         n_groups = len(LAYER_GROUPS)
         row = row_bytes(self.embedding.type, cfg.n_embd)
         x = dequantize(self.embedding.type, self.embedding.data[token * row:(token + 1) * row],
@@ -3815,25 +4305,28 @@ class Model:
         for layer in range(cfg.n_layer):
             group = layer * n_groups
             # attention: normalise, project to q/k/v, rotate, cache, attend, project back
-            xb = rmsnorm(x, self.attn_norms[layer], cfg.norm_eps)
+            xb = norm(x, self.attn_norms[layer], cfg.norm_eps)
             q, k, v = self.matmul(group, xb)
             self.rope.rotate(q, cfg.n_head, cfg.head_dim, pos)
             self.rope.rotate(k, cfg.n_head_kv, cfg.head_dim, pos)
             kv.store(layer, pos, k, v)
             att = None
-            if self.packed_attention is not None:
+            if self.ggml:
+                att = attention_ggml(q, kv, layer, pos + 1, cfg.n_head, cfg.n_head_kv,
+                                     cfg.head_dim, batched)
+            elif self.packed_attention is not None:
                 att = self.packed_attention.step(kv, layer, pos, q)
             if att is None:
                 att = attention(q, kv, layer, pos + 1, cfg.n_head, cfg.n_head_kv,
                                 cfg.head_dim)
-            add_into(x, self.matmul(group + 1, att)[0])
+            x = residual(x, self.matmul(group + 1, att)[0])
             # feed-forward: normalise, SwiGLU, project down
-            xb = rmsnorm(x, self.ffn_norms[layer], cfg.norm_eps)
+            xb = norm(x, self.ffn_norms[layer], cfg.norm_eps)
             gate, up = self.matmul(group + 2, xb)
-            add_into(x, self.matmul(group + 3, swiglu(gate, up))[0])
+            x = residual(x, self.matmul(group + 3, gated(gate, up))[0])
         if not want_logits:
             return None
-        x = rmsnorm(x, self.output_norm, cfg.norm_eps)
+        x = norm(x, self.output_norm, cfg.norm_eps)
         return self.matmul(self.output_group, x)[0]
 
     # -- the Python API --------------------------------------------------------
@@ -3871,7 +4364,11 @@ class Model:
             return result
         logits = None
         for i, token in enumerate(ids):
-            logits = self.forward(token, len(self.tokens), want_logits=i == len(ids) - 1)
+            # as pk_forward: llama.cpp evaluates the ids as one batch, except that the
+            # last one is alone in a new micro-batch when len(ids) % 512 == 1
+            last = i == len(ids) - 1
+            logits = self.forward(token, len(self.tokens), want_logits=last,
+                                  batched=not (last and len(ids) % LLAMA_UBATCH == 1))
             self.tokens.append(token)
         return max(range(len(logits)), key=logits.__getitem__) if greedy else logits
 

@@ -1,17 +1,22 @@
 """Fidelity to llama.cpp on the real default model, SmolLM2-135M-Instruct Q4_1.
 
 The reference data in tests/data came from llama.cpp itself (see tests/data/README.md).
-Three paths are checked. The pure path streaming its weights (--pack off) evaluates about
-0.3 tokens per second here, so it runs a subset that keeps CI within its budget:
-  * greedy: the first reference prompt, 8 generated tokens (llama.cpp has 48),
-    teacher-forced;
-  * perplexity: the first 32 tokens of the reference text, against llama.cpp's own mean
-    negative log-likelihood over the same 32 tokens (tests/data/*.nll.json);
-  * memory: a CLI run with -c 2048, a short prompt and 16 tokens.
-The packed pure path (--pack on) and the C accelerator run the full greedy checks (see
-their classes). `tools/bench.py` and the README report the full-length figures.
-The accelerated path computes llama.cpp's own float operations and is held to the issue's
-criterion: all four prompts, every position, top-5 logits equal to the reference's.
+Three paths are checked, all computing llama.cpp's own float32 operations (this model's
+matrices are Q4_1 and Q8_0), so all are held to the issue's criterion: greedy tokens equal
+to llama.cpp's, a divergence allowed only where llama.cpp's own top two are within 0.05,
+and llama.cpp's top-5 logits reproduced to 1e-4 (the reference's 4 decimals). The pure
+path evaluates about 0.1-0.2 tokens per second here, so it runs subsets that keep CI
+within its budget:
+  * streamed (--pack off): greedy from the first reference prompt, 8 generated tokens
+    (llama.cpp has 48); the logits of that prompt (evaluated at once) and of 3 more
+    tokens equal to the accelerator's bit for bit; perplexity over the first 16 tokens of
+    the reference text, token by token, against llama.cpp's own token-by-token figures
+    (tests/data/*.nll.json); a CLI run with -c 2048, a short prompt and 4 tokens for the
+    memory figures;
+  * packed (--pack on): greedy from the first two prompts, 8 tokens each, perplexity
+    over 16 tokens, the same CLI run.
+The C accelerator runs the full checks (all four prompts with all their tokens,
+perplexity over 511 tokens). `tools/bench.py` and the README report speeds.
 """
 
 import json
@@ -33,9 +38,10 @@ REFERENCE = os.path.join(HERE, "data", "smollm2-135m-instruct-q4_1.llamacpp.json
 NLL_REFERENCE = os.path.join(HERE, "data", "smollm2-135m-instruct-q4_1.nll.json")
 GREEDY_PROMPTS = 1
 GREEDY_TOKENS = 8
-CLI_TOKENS = 16
-NEAR_TIE = 0.3
-PPL_TOKENS = 32
+NEAR_TIE = 0.05  # the issue's: where llama.cpp's own top two are closer, another argmax is allowed
+TOP5_TOLERANCE = 1e-4  # the reference stores logits with 4 decimals; we measured at most 5.0e-5
+ACCEL_CHECK_TOKENS = 3
+PPL_TOKENS = 16
 THREADS = 2
 
 
@@ -56,8 +62,8 @@ class SmolLM2Fidelity(unittest.TestCase):
     the top of this file."""
     accelerate, pack = False, "off"
     greedy_prompts, greedy_tokens, ppl_tokens = GREEDY_PROMPTS, GREEDY_TOKENS, PPL_TOKENS
-    near_tie = NEAR_TIE  # where llama.cpp's own top two are closer, another argmax is allowed
-    top5_tolerance = None  # how far our logits of llama.cpp's top five may be (None: unchecked)
+    ppl_mode = "single"
+    cli_tokens = 4
 
     @classmethod
     def setUpClass(cls):
@@ -70,34 +76,42 @@ class SmolLM2Fidelity(unittest.TestCase):
         cls.model.close()
 
     def test_greedy_matches_llamacpp(self):
-        """Teacher-forced over llama.cpp's own greedy continuation: at every position our
-        argmax is llama.cpp's token, or else one of llama.cpp's top five whose logit is
-        within near_tie of llama.cpp's best there; and our logits of its top five are
-        within top5_tolerance of its own.
-
-        The issue asks for 0.05. llama.cpp re-quantizes every activation to 8 bits, so its
-        logits sit 0.1-0.6 away from the exact computation, and its own batched and
-        one-token evaluations of this model disagree by 0.25 at a position of these
-        prompts; an exact engine (ours) swaps such near-ties. Matching to 0.05 takes
-        reproducing ggml's float32 arithmetic bit for bit (see the README)."""
+        """Greedy generation from each prompt gives llama.cpp's tokens: a token may differ
+        only where llama.cpp's own top two logits are within NEAR_TIE (the continuations
+        are unrelated from there on, so the comparison stops); and while the tokens agree,
+        our logits of llama.cpp's top five are within TOP5_TOLERANCE of its own."""
         for case in self.reference["greedy"][:self.greedy_prompts]:
             self.model.reset()
             logits = self.model.eval(case["prompt_ids"])
             for at, expected in enumerate(case["gen_ids"][:self.greedy_tokens]):
                 ours = max(range(len(logits)), key=logits.__getitem__)
-                theirs = dict(case["top5"][at])
+                top5 = case["top5"][at]
+                for token, value in top5:
+                    self.assertLessEqual(abs(logits[token] - value), TOP5_TOLERANCE,
+                                         "prompt %r, token %d: logit of %d"
+                                         % (case["prompt"], at, token))
                 if ours != expected:
-                    self.assertIn(ours, theirs, "prompt %r, token %d: ours %d is not in "
-                                  "llama.cpp's top 5" % (case["prompt"], at, ours))
-                    self.assertLess(theirs[expected] - theirs[ours], self.near_tie,
+                    self.assertLess(top5[0][1] - top5[1][1], NEAR_TIE,
                                     "prompt %r, token %d: ours %d, llama.cpp %d"
                                     % (case["prompt"], at, ours, expected))
-                if self.top5_tolerance is not None:
-                    for token, value in theirs.items():
-                        self.assertLessEqual(abs(logits[token] - value), self.top5_tolerance,
-                                             "prompt %r, token %d: logit of %d"
-                                             % (case["prompt"], at, token))
-                logits = self.model.eval([expected])
+                    break
+                logits = self.model.eval([ours])
+
+    def test_logits_equal_the_accelerators(self):
+        """The first reference prompt evaluated at once, then ACCEL_CHECK_TOKENS greedy
+        tokens one by one: every logit equal to the C accelerator's, bit for bit."""
+        accel, why = picolm.load_accelerator()
+        if accel is None:
+            self.skipTest("no C accelerator here: %s" % why)
+        case = self.reference["greedy"][0]
+        with picolm.Model(MODEL, n_ctx=64, accelerate=True) as twin:
+            self.model.reset()
+            ids = case["prompt_ids"]
+            for step in range(ACCEL_CHECK_TOKENS + 1):
+                ours, theirs = self.model.eval(ids), twin.eval(ids)
+                self.assertTrue(ours == theirs, "step %d: logits differ by up to %g" % (
+                    step, max(abs(a - b) for a, b in zip(ours, theirs))))
+                ids = [max(range(len(ours)), key=ours.__getitem__)]
 
     def logits_of(self, ids):
         """The logits of every position of ids, evaluated from the start."""
@@ -105,21 +119,26 @@ class SmolLM2Fidelity(unittest.TestCase):
         return [self.model.eval([token]) for token in ids]
 
     def test_perplexity_within_half_percent(self):
+        """Perplexity over the first ppl_tokens tokens within 0.5% of llama.cpp's, and
+        every token's negative log-likelihood within 1e-4 of its own, evaluated as
+        llama.cpp evaluated it (ppl_mode: token by token, or in one batch, which attends
+        in another order)."""
         nll = load_json(NLL_REFERENCE)
         ids = self.reference["ppl"]["ids"]
         self.assertEqual(nll["ids"], ids)
-        total = 0.0
-        for i, logits in enumerate(self.logits_of(ids[:self.ppl_tokens])):
-            total -= log_softmax_at(logits, ids[i + 1])
-        ours = math.exp(total / self.ppl_tokens)
-        theirs = math.exp(nll["prefix_mean_nll"]["batched"][str(self.ppl_tokens)])
+        theirs = nll["nll_" + self.ppl_mode][:self.ppl_tokens]
+        ours = [-log_softmax_at(logits, ids[i + 1])
+                for i, logits in enumerate(self.logits_of(ids[:self.ppl_tokens]))]
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            self.assertLess(abs(a - b), 1e-4, "token %d: ours %.6f, llama.cpp %.6f" % (i, a, b))
+        ours, theirs = (math.exp(math.fsum(v) / self.ppl_tokens) for v in (ours, theirs))
         self.assertLess(abs(ours / theirs - 1.0), 0.005,
                         "perplexity over %d tokens: ours %.4f, llama.cpp %.4f"
                         % (self.ppl_tokens, ours, theirs))
 
 
     def cli_run(self):
-        """One CLI run with -c 2048, a short prompt and CLI_TOKENS tokens, shared by
+        """One CLI run with -c 2048, a short prompt and cli_tokens tokens, shared by
         the tests below: (stdout, stderr)."""
         cls = type(self)
         if "_cli" not in cls.__dict__:
@@ -127,7 +146,7 @@ class SmolLM2Fidelity(unittest.TestCase):
             # into RAM), which is what the memory figures below are about.
             proc = subprocess.run(
                 [sys.executable, os.path.join(ROOT, "picolm.py"), MODEL, "-p",
-                 self.reference["greedy"][0]["prompt"], "-n", str(CLI_TOKENS), "-t", "0",
+                 self.reference["greedy"][0]["prompt"], "-n", str(self.cli_tokens), "-t", "0",
                  "-c", "2048", "-j", "1"]
                 + ([] if self.accelerate else ["--no-accel", "--pack", self.pack]),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=1800)
@@ -142,7 +161,7 @@ class SmolLM2Fidelity(unittest.TestCase):
     def test_cli_prints_the_api_text(self):
         """stdout holds what Model.generate yields, a newline, and nothing else."""
         expected = "".join(self.model.generate(self.reference["greedy"][0]["prompt"],
-                                               max_tokens=CLI_TOKENS, temperature=0.0))
+                                               max_tokens=self.cli_tokens, temperature=0.0))
         self.assertEqual(self.cli_run()[0], expected + "\n")
 
     def test_cli_full_context_memory(self):
@@ -153,8 +172,8 @@ class SmolLM2Fidelity(unittest.TestCase):
         self.assertLessEqual(full, 90.0 + (16.0 if self.accelerate else 0.0), stderr)
 
     def test_cli_peak_memory(self):
-        """With -c 2048, a short prompt and 16 tokens peak at or under 40 MB of RssAnon
-        (the accelerator may add 16 MB)."""
+        """With -c 2048, a short prompt and cli_tokens tokens peak at or under 40 MB of
+        RssAnon (the accelerator may add 16 MB)."""
         peak, stderr = self.memory_figure(r"RssAnon peak ([\d.]+) MB")
         self.assertLessEqual(peak, 40.0 + (16.0 if self.accelerate else 0.0), stderr)
 
@@ -162,12 +181,12 @@ class SmolLM2Fidelity(unittest.TestCase):
 @unittest.skipUnless(os.path.exists(MODEL), "the default model is absent: "
                      "run python3 tools/get_model.py (CI does)")
 class SmolLM2FidelityPacked(SmolLM2Fidelity):
-    """The pure path with its weights packed (--pack on), two processes: fast enough for
-    all four reference prompts with all their tokens, and perplexity over the first 128
-    tokens of the reference text (all 511 would add minutes to CI; the README gives the
-    full figure)."""
+    """The pure path with its weights packed (--pack on), two processes: greedy from the
+    first two reference prompts, 8 tokens each, and perplexity over the first 16 tokens of
+    the reference text (packing saves the unpacking of the weights, not the float32
+    arithmetic, which dominates)."""
     pack = "on"
-    greedy_prompts, greedy_tokens, ppl_tokens = 4, 48, 128
+    greedy_prompts, greedy_tokens, ppl_tokens = 2, 8, PPL_TOKENS
 
     def packed_figure(self):
         return self.memory_figure(r"weights packed into RAM, (\d+) MB")[0]
@@ -192,12 +211,12 @@ class SmolLM2FidelityPacked(SmolLM2Fidelity):
                      "no C accelerator here: %s" % picolm.load_accelerator()[1])
 class SmolLM2FidelityAccelerated(SmolLM2Fidelity):
     """The C accelerator, fast enough for the full checks: all four reference prompts
-    with all their generated tokens, and perplexity over all 512 tokens. It computes
-    llama.cpp's float operations, so it is held to the issue's 0.05 and its top-5 logits to
-    1e-4 (the reference stores them with 4 decimals; we measured at most 5.0e-5)."""
+    with all their generated tokens, and perplexity over all 512 tokens."""
     accelerate = True
     greedy_prompts, greedy_tokens, ppl_tokens = 4, 48, 511
-    near_tie, top5_tolerance = 0.05, 1e-4
+    ppl_mode = "batched"
+    cli_tokens = 16
+    test_logits_equal_the_accelerators = None  # it is the accelerator
 
     def logits_of(self, ids):
         """In one batch, as llama.cpp's perplexity reference was made (a batch attends in

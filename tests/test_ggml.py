@@ -1,0 +1,197 @@
+"""The pure path's llama.cpp arithmetic (models whose matrices are all Q4_1 or Q8_0): its
+logits equal the C accelerator's bit for bit, which equal llama.cpp's (tests/test_accel.py
+and tests/test_real_models.py hold the accelerator to llama.cpp's own numbers).
+
+Tiny random models, evaluated as a prompt at once and then token by token (llama.cpp
+attends in another order within a batch), streamed and packed, in one and two processes.
+glibc's sinf/cosf, which the RoPE table repeats, is compared with libm itself.
+
+Run: python3 -m unittest tests.test_ggml -v
+"""
+import array
+import ctypes
+import ctypes.util
+import math
+import os
+import random
+import shutil
+import sys
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+import picolm  # noqa: E402
+import gguf_writer as gw  # noqa: E402
+
+TMP = None
+SEQUENCE = [1, 75, 259, 250, 47, 258, 0, 33, 17]
+PROMPT = 5  # tokens of SEQUENCE evaluated at once, the rest one by one
+# (name, make_tiny_llama arguments): Q4_1 layers with a tied Q8_0 embedding, as
+# SmolLM2-135M-Instruct.Q4_1 has them (head_dim 16: K.q is all tail beyond ggml's
+# 32-element steps); Q8_0 layers with an untied Q4_1 output (head_dim 64: two steps).
+MODELS = [
+    ("q4_1-tied-q8_0", dict(quant_type="Q4_1", embd_type="Q8_0", tied=True, n_embd=64,
+                            n_head=4, n_head_kv=2, n_ff=128, seed=5)),
+    ("q8_0-untied-q4_1", dict(quant_type="Q8_0", output_type="Q4_1", tied=False, n_embd=128,
+                              n_head=2, n_head_kv=1, n_ff=96, seed=6)),
+]
+
+
+def setUpModule():
+    global TMP
+    TMP = gw.fast_tmpdir("picolm-test-ggml-")
+
+
+def tearDownModule():
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+def model_path(name, **args):
+    path = os.path.join(TMP, name + ".gguf")
+    if not os.path.exists(path):
+        gw.make_tiny_llama(path, n_layer=2, n_vocab=300, norm_eps=1e-3, rope_base=500.0,
+                           **args)
+    return path
+
+
+def run(path, **kwargs):
+    """The logits after the prompt, then after each further token."""
+    with picolm.Model(path, n_ctx=32, **kwargs) as model:
+        out = [model.eval(SEQUENCE[:PROMPT])]
+        out += [model.eval([token]) for token in SEQUENCE[PROMPT:]]
+        return model.ggml, out
+
+
+def f32(value):
+    return array.array("f", [value])[0]
+
+
+class TestTinyModels(unittest.TestCase):
+
+    def test_logits_equal_the_accelerators(self):
+        accel = picolm.load_accelerator()[0]
+        if accel is None:
+            self.skipTest("no C accelerator here: %s" % picolm.load_accelerator()[1])
+        for name, args in MODELS:
+            path = model_path(name, **args)
+            ggml, want = run(path, accelerate=True)
+            self.assertTrue(ggml, name)
+            for pack in ("off", "on"):
+                for threads in (1, 2):
+                    with self.subTest(model=name, pack=pack, threads=threads):
+                        ggml, got = run(path, accelerate=False, pack=pack, threads=threads)
+                        self.assertTrue(ggml)
+                        for i, (a, b) in enumerate(zip(got, want)):
+                            self.assertEqual(a, b, "%s: logits %d differ by up to %g" % (
+                                name, i, max(abs(u - v) for u, v in zip(a, b))))
+
+    def test_batch_and_single_tokens_attend_in_other_orders(self):
+        """Within a batch, attention sums in tinyBLAS's order, for a single token in
+        ggml_vec_dot_f16's, as llama.cpp does: the last bits differ. (On the tiny models
+        the 8-bit rounding downstream hides that; on SmolLM2 it moves logits by 0.25.)"""
+        rng = random.Random(4)
+        n_pos, head_dim = 40, 64
+        kv = picolm.KVCache(1, n_pos, head_dim)
+        for pos in range(n_pos):
+            kv.store(0, pos, [rng.gauss(0, 2) for _ in range(head_dim)],
+                     [rng.gauss(0, 1) for _ in range(head_dim)])
+        q = [f32(rng.gauss(0, 2)) for _ in range(2 * head_dim)]
+        batched, single = (picolm.attention_ggml(q, kv, 0, n_pos, 2, 1, head_dim, b)
+                           for b in (True, False))
+        kv.close()
+        self.assertTrue(batched != single, "the two orders agree to the last bit")
+        self.assertLess(max(abs(a - b) for a, b in zip(batched, single)), 1e-5)
+
+    def test_which_tokens_attend_as_a_batch(self):
+        """As pk_forward: every token of a call with several ids is part of llama.cpp's
+        batch, except a last one alone in a new micro-batch of 512 (and a call's only
+        token)."""
+        name, args = MODELS[0]
+        path = model_path("long-context", **dict(args, n_ctx_train=1024))
+        with picolm.Model(path, n_ctx=1024, accelerate=False) as model:
+            flags = []
+            model.forward = lambda token, pos, want_logits=True, batched=False: (
+                flags.append(batched) or [0.0])
+            for n in (1, 2, 513, 512):
+                del flags[:]
+                model.reset()
+                model.eval([1] * n)
+                lone = n % picolm.LLAMA_UBATCH == 1
+                self.assertEqual(flags, [True] * (n - 1) + [not lone], n)
+
+    def test_memory_estimate(self):
+        """GgmlRows.packed_bytes, which --pack auto relies on, is what the packed rows take
+        (less malloc's overhead, which it counts too)."""
+        name, args = MODELS[0]
+        with picolm.GGUFFile(model_path(name, **args)) as f:
+            for tensor in (f.tensors["token_embd.weight"], f.tensors["blk.0.ffn_up.weight"]):
+                rows = picolm.GgmlRows(tensor, 0, tensor.n_rows, True)
+                taken = sum(sum(sys.getsizeof(c) + 8 for c in cols) + len(dw) * dw.itemsize
+                            + (len(mw) * mw.itemsize if mw is not None else 0)
+                            for cols, dw, mw in rows.chunks)
+                estimate = picolm.GgmlRows.packed_bytes(tensor)
+                self.assertGreaterEqual(estimate, taken)
+                self.assertLess(estimate, 1.25 * taken)
+
+    def test_other_types_keep_exact_arithmetic(self):
+        """A model with one matrix of another type (here an F16 output) takes the exact
+        float64 path."""
+        path = model_path("q4_1-f16-output", quant_type="Q4_1", output_type="F16",
+                          tied=False, n_embd=64, n_head=4, n_head_kv=2, n_ff=128, seed=7)
+        with picolm.Model(path, n_ctx=8, accelerate=False) as model:
+            self.assertFalse(model.ggml)
+            self.assertIsInstance(model.rope, picolm.RopeTable)
+            self.assertNotIsInstance(model.rope, picolm.RopeGgml)
+
+
+def load_glibc_libm():
+    """glibc's libm with sinf and cosf declared, or None where the C library is another."""
+    try:
+        ctypes.CDLL(None).gnu_get_libc_version  # glibc's own function
+        libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    except (OSError, AttributeError, TypeError):
+        return None
+    for fn in ("sinf", "cosf"):
+        getattr(libm, fn).restype = ctypes.c_float
+        getattr(libm, fn).argtypes = [ctypes.c_float]
+    return libm
+
+
+class TestGlibcSinCos(unittest.TestCase):
+    """sincosf_glibc against glibc's own sinf and cosf (which ggml's RoPE table calls)."""
+
+    def setUp(self):
+        self.libm = load_glibc_libm()
+        if self.libm is None:
+            self.skipTest("the C library is not glibc")
+
+    def check(self, values):
+        bad = [y for y in values
+               if picolm.sincosf_glibc(y) != (self.libm.sinf(y), self.libm.cosf(y))]
+        self.assertEqual(bad[:5], [], "%d of %d differ" % (len(bad), len(values)))
+
+    def test_rope_angles(self):
+        """Every angle of positions 0..2047 for bases 10000 and 100000 (SmolLM2), 64 dims:
+        about 1 in 40 of them is not the correctly rounded sin or cos."""
+        for base in (10000.0, 100000.0):
+            scale = f32(math.pow(base, f32(-2.0 / 64)))
+            values = []
+            for pos in range(0, 2048):
+                theta = f32(pos)
+                for _ in range(32):
+                    values.append(theta)
+                    theta = f32(theta * scale)
+            self.check(values)
+
+    def test_every_branch(self):
+        """Tiny (< 2^-12), small (< pi/4), medium (< 120) and large arguments, both signs."""
+        rng = random.Random(3)
+        values = [f32(rng.choice((-1, 1)) * 10.0 ** rng.uniform(-6, 6)) for _ in range(20000)]
+        values += [0.0, -0.0, 2.0 ** -12, f32(math.pi / 4), 120.0, -120.0, 1e30, -3e38]
+        self.check(values)
+
+
+if __name__ == "__main__":
+    unittest.main()
