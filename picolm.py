@@ -4193,20 +4193,33 @@ LAYER_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "
                 ("ffn_down",))
 
 
+# How the pure path computes: "llama.cpp" repeats llama.cpp's float32 operations bit for
+# bit where picolm knows them (every matrix Q4_1 or Q8_0; other models are computed
+# exactly), so greedy text equals llama.cpp's and the accelerator's, at ~0.15 tok/s on
+# SmolLM2; "exact" computes in float64, ~10x faster, and may pick another token where
+# llama.cpp's top two logits are close (it never uses the accelerator, which has only
+# llama.cpp's arithmetic).
+ARITHMETICS = ("llama.cpp", "exact")
+
+
 class Model:
     """A GGUF model ready to evaluate tokens; see the README for the API."""
 
-    def __init__(self, path, n_ctx=None, threads=1, accelerate=True, pack="auto"):
+    def __init__(self, path, n_ctx=None, threads=1, accelerate=True, pack="auto",
+                 arithmetic="llama.cpp"):
+        if arithmetic not in ARITHMETICS:
+            raise ValueError("arithmetic must be one of %s, not %r" % (ARITHMETICS, arithmetic))
         self.path = path
         self.file = GGUFFile(path)
         try:
-            self._load(n_ctx, threads, accelerate, pack)
+            self._load(n_ctx, threads, accelerate and arithmetic == "llama.cpp", pack,
+                       arithmetic)
         except BaseException:
             self.close()
             raise
         release_free_memory()
 
-    def _load(self, n_ctx, threads, accelerate, pack):
+    def _load(self, n_ctx, threads, accelerate, pack, arithmetic):
         tensors = self.file.tensors
         self.config = cfg = Config(self.file.metadata, tensors)
         try:
@@ -4245,9 +4258,10 @@ class Model:
                        for i in range(cfg.n_layer) for group in LAYER_GROUPS]
         group_names.append([output_name])
         # With every matrix Q4_1 or Q8_0 the pure path computes llama.cpp's float32
-        # arithmetic (as the accelerator does); otherwise exact float64 arithmetic.
-        self.ggml = all(tensors[name].type in GGML_EXACT_TYPES
-                        for names in group_names for name in names)
+        # arithmetic (as the accelerator does), unless asked for exact float64 arithmetic,
+        # which other models always get.
+        self.ggml = arithmetic == "llama.cpp" and all(
+            tensors[name].type in GGML_EXACT_TYPES for names in group_names for name in names)
         rope = RopeGgml if self.ggml else RopeTable
         self.rope = rope(cfg.rope_dim, cfg.rope_base, cfg.rope_scale, cfg.rope_pairing,
                          freq_factors)
@@ -4256,7 +4270,9 @@ class Model:
         self.threads = max(1, threads)
         self.accel, self.matmul, self.weights = None, None, "mapped"
         self.packed_attention = None
-        kernels, library = load_accelerator() if accelerate else (None, "--no-accel")
+        kernels, library = (load_accelerator() if accelerate else
+                            (None, "--no-accel" if arithmetic == "llama.cpp"
+                             else "not used with --arithmetic exact"))
         if kernels is not None:
             self.accel = kernels.AcceleratedModel(
                 library, self.path, cfg, kernels.gguf_tensor_table(self.file), n_ctx,
@@ -4265,8 +4281,8 @@ class Model:
                 library.pk_isa().decode("ascii", "replace"), self.threads, "s" if self.threads > 1 else "")
             self.tokens = []
             return
-        self.backend = "pure Python (accelerator: %s%s), %d process%s" % (
-            library, "; llama.cpp's arithmetic" if self.ggml else "", self.threads,
+        self.backend = "pure Python (accelerator: %s), %s arithmetic, %d process%s" % (
+            library, "llama.cpp's" if self.ggml else "exact", self.threads,
             "es" if self.threads > 1 else "")
         self.output_group = len(group_names) - 1
         groups = [[tensors[name] for name in names] for names in group_names]
@@ -4338,14 +4354,21 @@ class Model:
 
     def eval(self, ids):
         """Feeds `ids` after the tokens already evaluated; returns the last position's logits."""
-        return self._feed(ids, greedy=False)
+        return self._feed(ids, "last")
 
     def eval_greedy(self, ids):
         """eval(), returning only the index of the largest logit (the first of equal ones,
         as Sampler picks at temperature 0); with the accelerator no list of logits is made."""
-        return self._feed(ids, greedy=True)
+        return self._feed(ids, "argmax")
 
-    def _feed(self, ids, greedy):
+    def eval_all(self, ids):
+        """eval(), returning the logits of every position of ids: the whole batch, as
+        llama.cpp's perplexity tool evaluates it (a batch attends in another summation
+        order than single tokens, in llama.cpp and here)."""
+        return self._feed(ids, "all")
+
+    def _feed(self, ids, want):
+        """Evaluates ids as one batch; want: "last" logits, their "argmax", or "all"."""
         ids = list(ids)
         if not ids:
             raise ValueError("eval needs at least one token")
@@ -4356,21 +4379,29 @@ class Model:
             raise ContextFull("%d tokens do not fit the context of %d"
                               % (len(self.tokens) + len(ids), self.n_ctx))
         if self.accel is not None:  # the whole batch in one call
-            if greedy:
-                result = self.accel.forward_argmax(ids, len(self.tokens))
+            pos = len(self.tokens)
+            if want == "argmax":
+                result = self.accel.forward_argmax(ids, pos)
+            elif want == "last":
+                result = self.accel.forward(ids, pos, want_logits=True)
             else:
-                result = self.accel.forward(ids, len(self.tokens), want_logits=True)
+                flat, n = self.accel.forward_all(ids, pos), self.config.n_vocab
+                result = [flat[i * n:(i + 1) * n].tolist() for i in range(len(ids))]
             self.tokens.extend(ids)
             return result
-        logits = None
+        every = []
         for i, token in enumerate(ids):
             # as pk_forward: llama.cpp evaluates the ids as one batch, except that the
             # last one is alone in a new micro-batch when len(ids) % 512 == 1
             last = i == len(ids) - 1
-            logits = self.forward(token, len(self.tokens), want_logits=last,
+            logits = self.forward(token, len(self.tokens), want_logits=last or want == "all",
                                   batched=not (last and len(ids) % LLAMA_UBATCH == 1))
             self.tokens.append(token)
-        return max(range(len(logits)), key=logits.__getitem__) if greedy else logits
+            if want == "all":
+                every.append(logits)
+        if want == "argmax":
+            return max(range(len(logits)), key=logits.__getitem__)
+        return every if want == "all" else logits
 
     def reset(self):
         """Forgets every evaluated token (the cache is simply overwritten later)."""
@@ -4841,10 +4872,17 @@ def parse_args(argv):
                         help="run the pure Python path even where the C accelerator is "
                              "available (so does PICOLM_ACCEL=0)")
     parser.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
-                        help="pure Python path: unpack the weights into RAM once for ~10x "
-                             "faster products (on), stream them from the file (off), or "
-                             "pack when that takes under half the available memory (auto, "
-                             "the default)")
+                        help="pure Python path: unpack the weights into RAM once (on: "
+                             "~6x faster with --arithmetic exact, ~1.3x with llama.cpp's, "
+                             "whose float32 steps dominate), stream them from the file "
+                             "(off), or pack when that takes under half the available "
+                             "memory (auto, the default)")
+    parser.add_argument("--arithmetic", choices=ARITHMETICS, default="llama.cpp",
+                        help="llama.cpp (the default): the pure path repeats llama.cpp's "
+                             "float32 steps bit for bit (models whose matrices are all "
+                             "Q4_1/Q8_0), so its text equals llama.cpp's and the "
+                             "accelerator's; exact: pure Python in float64, ~10x faster "
+                             "there, may differ where llama.cpp's top two tokens are close")
     parser.add_argument("--version", action="version", version="picolm " + __version__)
     args = parser.parse_args(argv)
     args.grammar = None
@@ -4946,7 +4984,8 @@ def main(argv=None):
         memory = MemoryWatch()
         load_start = time.perf_counter()
         with Model(path, n_ctx=args.n_ctx, threads=args.threads,
-                   accelerate=args.accelerate, pack=args.pack) as model:
+                   accelerate=args.accelerate, pack=args.pack,
+                   arithmetic=args.arithmetic) as model:
             cfg = model.config
             print("picolm: %s: %s; %s weights; loaded in %.2f s" % (
                 os.path.basename(path), cfg.describe(), weight_types(model.file),

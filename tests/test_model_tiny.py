@@ -178,12 +178,13 @@ def tiny_model(name, **extra):
 class TestTinyModels(unittest.TestCase):
     """The pure Python path streaming its weights from the map, in float64: exact types
     agree with the reference to 1e-9."""
-    accelerate, pack = False, "off"
+    accelerate, pack, arithmetic = False, "off", "llama.cpp"
     exact_tol, quant_tol, matvec_tol = REL_TOL_EXACT, REL_TOL_QUANT, MATVEC_TOL
     split_exact_tol, split_quant_tol = 1e-9, 1e-9  # a sequence in one call vs token by token
 
     def model(self, path, **kwargs):
-        return picolm.Model(path, accelerate=self.accelerate, pack=self.pack, **kwargs)
+        return picolm.Model(path, accelerate=self.accelerate, pack=self.pack,
+                            arithmetic=self.arithmetic, **kwargs)
 
     def product(self, tensor, x):
         """The pure path's product of the whole tensor with x."""
@@ -314,9 +315,10 @@ class TestTinyModels(unittest.TestCase):
         ref = Reference(path)
         with self.model(path) as model:
             seq = [5, 6, 7, 8]
-            # all Q8_0: llama.cpp's arithmetic (8-bit activations), on every path
-            self.assertTrue(model.ggml)
-            self.assertClose(model.eval(seq), ref.logits(seq)[-1], "mha", GGML_TOL)
+            # all Q8_0: llama.cpp's arithmetic (8-bit activations) unless asked otherwise
+            self.assertEqual(model.ggml, self.arithmetic == "llama.cpp")
+            self.assertClose(model.eval(seq), ref.logits(seq)[-1], "mha",
+                             GGML_TOL if model.ggml else self.quant_tol)
 
 
 class TestTinyModelsPacked(TestTinyModels):
@@ -326,6 +328,19 @@ class TestTinyModelsPacked(TestTinyModels):
     so every type is held to the quantized types' logit tolerance."""
     pack = "on"
     exact_tol, quant_tol, matvec_tol = REL_TOL_QUANT, REL_TOL_QUANT, 1e-4
+
+
+class TestTinyModelsExactArithmetic(TestTinyModels):
+    """--arithmetic exact: float64 for every model, all-Q8_0 included, packed; the
+    accelerator, asked for, is not used (it has only llama.cpp's arithmetic)."""
+    accelerate, pack, arithmetic = True, "on", "exact"
+    exact_tol, quant_tol, matvec_tol = REL_TOL_QUANT, REL_TOL_QUANT, 1e-4
+
+    def model(self, path, **kwargs):
+        model = super().model(path, **kwargs)
+        self.assertIsNone(model.accel)
+        self.assertIn("exact arithmetic", model.backend)
+        return model
 
 
 @unittest.skipUnless(picolm.load_accelerator()[0] is not None,

@@ -7,8 +7,8 @@
 
 A configuration is a backend and a thread count: `pure` (the standard-library path
 streaming its weights from the map, -j N worker processes), `packed` (the same with the
-weights packed into big-integer columns, --pack on), `accel` (the C accelerator, N
-threads) or `llama` (llama.cpp through
+weights packed into big-integer columns, --pack on), `pure_exact` and `packed_exact` (the
+same with --arithmetic exact), `accel` (the C accelerator, N threads) or `llama` (llama.cpp through
 llama-cpp-python, run by the interpreter given with --llama-python, e.g. that of a
 throw-away virtual environment: it is never a dependency of picolm). Each configuration
 runs in a fresh process, so its peak RssAnon is its own; the figures of one run are printed
@@ -45,7 +45,8 @@ def measure(model_path, backend, threads, prompt_tokens, gen_tokens):
     start = time.perf_counter()
     with picolm.Model(model_path, n_ctx=prompt_tokens + gen_tokens + 8, threads=threads,
                       accelerate=backend == "accel",
-                      pack="on" if backend == "packed" else "off") as model:
+                      pack="on" if backend.startswith("packed") else "off",
+                      arithmetic="exact" if backend.endswith("_exact") else "llama.cpp") as model:
         if (model.accel is not None) != (backend == "accel"):
             raise SystemExit("bench: %s asked for, got %s" % (backend, model.backend))
         load_seconds = time.perf_counter() - start
@@ -163,7 +164,7 @@ def main():
                         default=os.path.join(ROOT, picolm.DEFAULT_MODEL))
     parser.add_argument("--configs", default="packed-1,packed-2,accel-1,accel-2",
                         help="comma-separated BACKEND-THREADS (backends: pure, packed, "
-                             "accel, llama)")
+                             "pure_exact, packed_exact, accel, llama)")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--llama-python", help="a Python that can import llama_cpp")
@@ -211,6 +212,7 @@ def main():
             r["handoff_us"] if r["handoff_us"] is not None else "-"))
     by_config = {r["config"]: r for r in rows}
     for a, b in (("pure -j 2", "pure -j 1"), ("packed -j 2", "packed -j 1"),
+                 ("packed_exact -j 2", "packed_exact -j 1"), ("packed_exact -j 1", "packed -j 1"),
                  ("packed -j 1", "pure -j 1"), ("packed -j 2", "pure -j 2"),
                  ("accel -j 2", "packed -j 2"), ("accel -j 2", "llama -j 2"),
                  ("accel -j 1", "llama -j 1")):
