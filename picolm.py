@@ -4562,7 +4562,8 @@ class Model:
     def load_state(self, path, ids):
         """Restores the KV entries of the longest common prefix of the tokens saved in
         `path` and `ids` (at most len(ids) - 1 of them, so the last token is evaluated
-        afresh); returns how many. A missing or unusable file: one warning, 0."""
+        afresh, and usually len(ids) - 2: see below); returns how many. A missing or
+        unusable file: one warning, 0."""
         self.reset()
         self._state_tokens = None
         try:
@@ -4580,10 +4581,17 @@ class Model:
             return 0
         self._state_tokens = saved
         ids = list(ids)
+        # llama.cpp attends in one order within a batch and in another for a token alone
+        # (the last of a call whose length is 1 mod 512), and so do both our paths: the
+        # reused entries and the tokens evaluated afresh must come out as in a cold run
         n = 0
         limit = min(len(saved), len(ids) - 1)
+        if len(saved) % LLAMA_UBATCH == 1:
+            limit = min(limit, len(saved) - 1)  # its last entry was made alone
         while n < limit and saved[n] == ids[n]:
             n += 1
+        if (len(ids) - n) % LLAMA_UBATCH == 1 and len(ids) % LLAMA_UBATCH != 1:
+            n -= 1  # the last token was evaluated in a batch: evaluate two
         if n:
             kv, count = self.kv, len(saved)
             base = STATE_HEADER + 4 * count
