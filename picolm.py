@@ -5047,4 +5047,12 @@ def weight_types(model_file):
 
 
 if __name__ == "__main__":
+    # CPython keeps a script's syntax tree (~8 MB for this file) until the script ends,
+    # but not a module's: start over once as a module, loaded from this same file.
+    if os.environ.get("PICOLM_AS_MODULE") != "1" and hasattr(os, "execv"):
+        os.environ["PICOLM_AS_MODULE"] = "1"
+        os.execv(sys.executable, [sys.executable, "-c",
+                 "import importlib.util as u, sys; s = u.spec_from_file_location('picolm', %r); "
+                 "m = u.module_from_spec(s); sys.modules['picolm'] = m; s.loader.exec_module(m); "
+                 "sys.exit(m.main())" % os.path.abspath(__file__)] + sys.argv[1:])
     sys.exit(main())
