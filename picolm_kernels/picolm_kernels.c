@@ -1528,6 +1528,19 @@ static inline void v_accumulate(float *acc, float w, const uint16_t *v, int n) {
     for (; d < n; d++) acc[d] = fmaf(half_to_float_sw(v[d]), w, acc[d]);
 }
 
+/* The cache lines of n FP16 values toward L1: a head's K or V rows are strided (a row of
+ * every head per position), so the hardware prefetcher leaves attention waiting on memory */
+static inline void prefetch_halves(const uint16_t *row, int n) {
+#if defined(PK_AVX2) || defined(PK_SSE2)
+    for (int b = 0; b < 2 * n; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
+#else
+    (void)row;
+    (void)n;
+#endif
+}
+
+#define ATT_PREFETCH 8 /* positions ahead */
+
 /* One head of ggml's attention without flash attention, for a query at the last of n_pos
  * positions: kq = K.q (q as FP16), ggml_soft_max_ext (scale; ggml_vec_soft_max_f32 sums
  * hsum8 of 8 exps at a time in double; 1/sum in double, applied in float), the weights as
@@ -1540,6 +1553,7 @@ static void attend_ggml(int hd, const float *qh, const uint16_t *K, const uint16
     const int lanes = tiny ? 8 : 32;
     float mx = -INFINITY;
     for (int p = 0; p < n_pos; p++) {
+        if (p + ATT_PREFETCH < n_pos) prefetch_halves(K + (size_t)(p + ATT_PREFETCH) * kvd, hd);
         const float w = (tiny ? kq_tinyblas(K + (size_t)p * kvd, qh, hd) : kq_ggml(K + (size_t)p * kvd, qh, hd)) * scale;
         scratch[p] = w;
         mx = w > mx ? w : mx;
@@ -1564,7 +1578,10 @@ static void attend_ggml(int hd, const float *qh, const uint16_t *K, const uint16
 #endif
     for (; p < n_pos; p++) scratch[p] = round_half(scratch[p] * inv);
     memset(acc, 0, sizeof(float) * (size_t)lanes * hd);
-    for (p = 0; p < n_pos; p++) v_accumulate(acc + (p & (lanes - 1)) * hd, scratch[p], V + (size_t)p * kvd, hd);
+    for (p = 0; p < n_pos; p++) {
+        if (p + ATT_PREFETCH < n_pos) prefetch_halves(V + (size_t)(p + ATT_PREFETCH) * kvd, hd);
+        v_accumulate(acc + (p & (lanes - 1)) * hd, scratch[p], V + (size_t)p * kvd, hd);
+    }
     int d = 0;
 #if defined(PK_AVX2) /* the reductions above, 8 values of d at a time */
     for (; d + 8 <= hd; d += 8) {
@@ -2006,7 +2023,6 @@ typedef struct {
 typedef struct pk_model {
     int n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, n_vocab, n_ctx, rope_dim, rope_neox;
     int q_dim, kv_dim, max_batch;
-    int prefetch;   /* 1: prefetch attn_output while attending */
     float eps;
     void *map;
     size_t map_size;
@@ -2133,7 +2149,6 @@ PK_EXPORT pk_model *pk_model_new(const char *path, const int64_t *hp, int n_hp, 
     m->q_dim = m->n_head * m->head_dim;
     m->kv_dim = m->n_head_kv * m->head_dim;
     m->max_batch = max_batch < 1 ? 1 : max_batch > MM_MAX_TOK ? MM_MAX_TOK : max_batch;
-    m->prefetch = getenv("PK_NO_PREFETCH") == NULL;
     if (m->n_layer < 1 || m->n_embd < 1 || m->n_ff < 1 || m->n_head < 1 || m->n_head_kv < 1 ||
         m->head_dim < 1 || m->n_vocab < 1 || m->n_ctx < 1 || m->n_head % m->n_head_kv ||
         m->rope_dim > m->head_dim || m->rope_dim % 2 || n_slots != SLOTS_GLOBAL + L_COUNT * m->n_layer) {
@@ -2264,8 +2279,6 @@ typedef struct {
     const uint16_t *K, *V; /* this layer's key and value rows */
     int n_tok, pos0;
     int n_tiny; /* tokens 0 .. n_tiny-1 attend in tinyBLAS order (see attend_ggml) */
-    const uint8_t *prefetch; /* the next weights, fetched toward the caches meanwhile */
-    size_t prefetch_bytes;
     atomic_int next;
 } attn_job;
 
@@ -2277,14 +2290,6 @@ static void attn_task(void *arg, int ith, int nth) {
     float *qh = m->scores + (size_t)ith * ATT_SCRATCH(m), *acc = qh + hd, *scratch = acc + 32 * hd;
     const float scale = 1.0f / sqrtf((float)hd);
     const int total = job->n_tok * m->n_head;
-#if defined(PK_AVX2) || defined(PK_SSE2)
-    if (job->prefetch) { /* each thread its share: the memory bus works while we attend */
-        const size_t a = job->prefetch_bytes * (size_t)ith / (size_t)nth;
-        const size_t b = job->prefetch_bytes * (size_t)(ith + 1) / (size_t)nth;
-        for (size_t off = a & ~(size_t)63; off < b; off += 64)
-            _mm_prefetch((const char *)job->prefetch + off, _MM_HINT_T1);
-    }
-#endif
     for (;;) {
         const int task = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
         if (task >= total) break;
@@ -2379,8 +2384,6 @@ static void forward_batch(pk_model *m, const int32_t *tokens, int B, int n_tiny,
         aj.n_tok = B;
         aj.pos0 = pos0;
         aj.n_tiny = n_tiny;
-        aj.prefetch = m->prefetch ? L->o.data : NULL;
-        aj.prefetch_bytes = (size_t)(L->o.row_bytes * L->o.n_rows);
         atomic_init(&aj.next, 0);
         pool_run(m->pool, attn_task, &aj);
         phase(&t, PH_ATTN);
