@@ -1052,6 +1052,15 @@ class StreamedRows:
         t = self.tensor
         return matvec(t.type, t.data, t.n_cols, self.start, self.end, px)
 
+    def argmax(self, px):
+        return first_largest(self.start, self(px))
+
+
+def first_largest(start, y):
+    """(start + i, y[i]) for the first of the largest values y[i] (rows' argmax)."""
+    best = max(range(len(y)), key=y.__getitem__)
+    return start + best, y[best]
+
 
 class PackedX:
     """x rounded for PackedRows: X = round(x * s) with sum|X| < 2**(40 - 16)."""
@@ -1114,6 +1123,9 @@ class PackedRows:
         for cols, doubles, bases in self.chunks:
             y += packed_dots(px, cols, doubles, bases, 1.0 / px.s)
         return y
+
+    def argmax(self, px):
+        return first_largest(self.start, self(px))
 
 
 def packed_dots(px, cols, doubles, bases, factor):
@@ -1630,6 +1642,75 @@ class GgmlRows:
                      else self._unpack(first, min(GGML_ROWS, self.end - first)))
             y += ggml_dots(self.tensor.type, qx, *chunk)
         return y
+
+
+    def argmax(self, qx):
+        """(row, value): the largest of the rows' products with qx as __call__ computes
+        them, the first row of equal ones, while computing the float32 chains of only the
+        rows that can be it (greedy decoding's output matrix, ~20% of a token's work).
+        Every row's exact product E with ggml's 8-bit x is cheap (two big-int lanes per
+        block instead of eight, no float32 rounding); ggml's float32 result is within
+        B of it, B = (nb + 4) * 2**-24 * (the sum of |every term|) by the textbook bound for
+        nb + 4 roundings deep, here doubled. Rows whose E + B falls short of some
+        row's E - B cannot be the largest."""
+        chunks = []  # (first row, every row's E, the chunk's B)
+        bound_per_term = (len(qx.d) + 5) * 2.0 ** -23
+        for i, first in enumerate(range(self.start, self.end, GGML_ROWS) if qx.finite else ()):
+            cols, dw, mw = (self.chunks[i] if self.chunks is not None
+                            else self._unpack(first, min(GGML_ROWS, self.end - first)))
+            estimate, terms = ggml_estimates(self.tensor.type, qx, cols, dw, mw)
+            if not math.isfinite(sum(estimate) + terms):
+                chunks = None  # inf or nan in the weights: no bound holds
+                break
+            chunks.append((first, estimate, terms * bound_per_term))
+        if not chunks:
+            return first_largest(self.start, self(qx))
+        floor = max(max(estimate) - bound for _, estimate, bound in chunks)
+        candidates = [first + r for first, estimate, bound in chunks
+                      for r, e in enumerate(estimate) if e + bound >= floor]
+        best, best_value = None, None
+        for row in candidates:  # ascending: the first of equal values wins
+            value = ggml_dots(self.tensor.type, qx, *self._unpack(row, 1))[0]
+            if best is None or value > best_value:
+                best, best_value = row, value
+        return best, best_value
+
+
+def ggml_estimates(type_id, qx, cols, dw, mw):
+    """For ggml_dots' rows: every row's exact product with qx in a double (within
+    2 * nb * 2**-53 of the terms' sum), and a bound on the sum of |every term| of any row.
+    A block's products are summed in one lane per row where they fit it (top * sum|q| below
+    the lane's bias, top the largest weight), else in two lanes of 16 columns each."""
+    nb = len(qx.d)
+    R = len(dw) // nb
+    width = _GGML_LANE_BYTES[type_id]
+    bias = 1 << (8 * width - 1)
+    offset, top = (128, 128) if type_id == GGML_Q8_0 else (0, 15)
+    ones, q, mul = _lane_ones(width, R), qx.q, operator.mul
+    sums, pieces, terms = [], [], 0.0  # pieces: the block of each lane sum
+    for b in range(nb):
+        l1 = sum(map(abs, q[32 * b:32 * b + 32]))
+        step = 32 if top * l1 < bias else 16
+        for c in range(32 * b, 32 * b + 32, step):
+            y = q[c:c + step]
+            sums.append(sum(map(mul, y, cols[c:c + step]), (bias - offset * sum(y)) * ones)
+                        .to_bytes(width * R, "little"))
+            pieces.append(b)
+        terms += max(map(abs, dw[b * R:(b + 1) * R])) * abs(qx.d[b]) * top * l1
+        if mw is not None:
+            terms += max(map(abs, mw[b * R:(b + 1) * R])) * abs(qx.s[b])
+    lanes = _lane_doubles(b"".join(sums), width)
+    base = 2.0 ** 36 + bias
+    estimate = [0.0] * R
+    if mw is not None:
+        for b in range(nb):
+            estimate = list(map(operator.add, estimate, map(mul, mw[b * R:(b + 1) * R],
+                                                            repeat(qx.s[b]))))
+    for i, b in enumerate(pieces):
+        d = map(mul, dw[b * R:(b + 1) * R], repeat(qx.d[b]))
+        estimate = [e + w * (v - base)
+                    for e, w, v in zip(estimate, d, lanes[i * R:(i + 1) * R])]
+    return estimate, terms * (1.0 + 2.0 ** -20)
 
 
 def ggml_dots(type_id, qx, cols, dw, mw):
@@ -3965,6 +4046,12 @@ class LocalMatmul:
     def __call__(self, group_id, x):
         return multiply_group(self.kernels[group_id], x)
 
+    def argmax(self, group_id, x):
+        """The row of the largest product of a one-matrix group with x (the first of
+        equal ones), without every row's product where the kernel knows how."""
+        kernel = self.kernels[group_id][0]
+        return kernel.argmax(kernel.prepare(x))[0]
+
     def close(self):
         self.kernels = []
 
@@ -3978,7 +4065,9 @@ class ParallelMatmul:
 
         group id (i64) | x (f64 x max_in) | y (f64 x max_out)
 
-    and a one-byte write on a pipe says "go" or "done". A worker that sees its pipe
+    and a one-byte write on a pipe says "go" (b"!": multiply; b"?": the argmax of a
+    one-matrix group, each worker's best row and its value written as y[2i], y[2i+1]) or
+    "done". A worker that sees its pipe
     close (this process ended, for whatever reason) exits, so none outlives us; the
     block is unlinked as soon as every worker has attached, so none is left behind.
     """
@@ -4035,12 +4124,25 @@ class ParallelMatmul:
             os.write(fd, b"!")
         self.wait_for_workers()
 
-    def __call__(self, group_id, x):
-        group = self.groups[group_id]
+    def _start(self, op, group_id, x):
         struct.pack_into("<q", self.shm.buf, 0, group_id)
         self.x_view[:len(x)] = array.array("d", x)
         for fd in self.go_fds:
-            os.write(fd, b"!")
+            os.write(fd, op)
+
+    def argmax(self, group_id, x):
+        """As LocalMatmul.argmax: every process finds its rows' best."""
+        self._start(b"?", group_id, x)
+        kernel = self.kernels[group_id][0]
+        best = [kernel.argmax(kernel.prepare(x))]
+        self.wait_for_workers()
+        best += [(int(self.y_view[2 * i]), self.y_view[2 * i + 1])
+                 for i in range(self.n_procs - 1)]
+        return max(best, key=operator.itemgetter(1))[0]  # the first of equal values
+
+    def __call__(self, group_id, x):
+        group = self.groups[group_id]
+        self._start(b"!", group_id, x)
         mine = multiply_group(self.kernels[group_id], x)
         self.wait_for_workers()
         outputs, base = [], 0
@@ -4101,9 +4203,16 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, do
     y_view = shm.buf[8 * (1 + max_in):].cast("d")
     os.write(done_fd, b"+")
     try:
-        while os.read(go_fd, 1):
+        while True:
+            op = os.read(go_fd, 1)
+            if not op:
+                break
             group_id = struct.unpack_from("<q", shm.buf, 0)[0]
-            if group_id >= 0:  # a negative id is a ping
+            if group_id >= 0 and op == b"?":
+                kernel = kernels[group_id][0]
+                x = x_view[:kernel.tensor.n_cols].tolist()
+                y_view[2 * share - 2:2 * share] = array.array("d", kernel.argmax(kernel.prepare(x)))
+            elif group_id >= 0:  # a negative id is a ping
                 x = x_view[:groups[group_id][0].n_cols].tolist()
                 base = 0
                 for kernel, rows in zip(kernels[group_id],
@@ -4308,8 +4417,9 @@ class Model:
         self.tokens = []  # the tokens evaluated so far, one per filled cache position
 
     # -- the forward pass ----------------------------------------------------
-    def forward(self, token, pos, want_logits=True, batched=False):
-        """Runs one token at position pos through the network; returns the logits.
+    def forward(self, token, pos, want="logits", batched=False):
+        """Runs one token at position pos through the network; returns the "logits",
+        their "argmax" (the first of equal ones), or nothing (want None).
         batched: the token is one of a batch (llama.cpp attends in another order then)."""
         cfg, kv = self.config, self.kv
         norm, gated = (rmsnorm_ggml, swiglu_ggml) if self.ggml else (rmsnorm, swiglu)
@@ -4340,9 +4450,11 @@ class Model:
             xb = norm(x, self.ffn_norms[layer], cfg.norm_eps)
             gate, up = self.matmul(group + 2, xb)
             x = residual(x, self.matmul(group + 3, gated(gate, up))[0])
-        if not want_logits:
+        if want is None:
             return None
         x = norm(x, self.output_norm, cfg.norm_eps)
+        if want == "argmax":
+            return self.matmul.argmax(self.output_group, x)
         return self.matmul(self.output_group, x)[0]
 
     # -- the Python API --------------------------------------------------------
@@ -4394,14 +4506,14 @@ class Model:
             # as pk_forward: llama.cpp evaluates the ids as one batch, except that the
             # last one is alone in a new micro-batch when len(ids) % 512 == 1
             last = i == len(ids) - 1
-            logits = self.forward(token, len(self.tokens), want_logits=last or want == "all",
+            result = self.forward(token, len(self.tokens),
+                                  want=("logits" if want == "all" or (last and want == "last")
+                                        else "argmax" if last else None),
                                   batched=not (last and len(ids) % LLAMA_UBATCH == 1))
             self.tokens.append(token)
             if want == "all":
-                every.append(logits)
-        if want == "argmax":
-            return max(range(len(logits)), key=logits.__getitem__)
-        return every if want == "all" else logits
+                every.append(result)
+        return every if want == "all" else result
 
     def reset(self):
         """Forgets every evaluated token (the cache is simply overwritten later)."""

@@ -17,6 +17,7 @@ import random
 import shutil
 import sys
 import unittest
+from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -112,7 +113,7 @@ class TestTinyModels(unittest.TestCase):
         path = model_path("long-context", **dict(args, n_ctx_train=1024))
         with picolm.Model(path, n_ctx=1024, accelerate=False) as model:
             flags = []
-            model.forward = lambda token, pos, want_logits=True, batched=False: (
+            model.forward = lambda token, pos, want="logits", batched=False: (
                 flags.append(batched) or [0.0])
             for n in (1, 2, 513, 512):
                 del flags[:]
@@ -120,6 +121,58 @@ class TestTinyModels(unittest.TestCase):
                 model.eval([1] * n)
                 lone = n % picolm.LLAMA_UBATCH == 1
                 self.assertEqual(flags, [True] * (n - 1) + [not lone], n)
+
+    def test_greedy_equals_the_largest_logit(self):
+        """eval_greedy, which skips the float32 chains of output rows that cannot be the
+        largest, picks what the argmax of eval's logits picks, in one and two processes."""
+        for name, args in MODELS:
+            path = model_path(name, **args)
+            for pack in ("off", "on"):
+                for threads in (1, 2):
+                    with self.subTest(model=name, pack=pack, threads=threads):
+                        with picolm.Model(path, n_ctx=32, accelerate=False, pack=pack,
+                                          threads=threads) as model:
+                            for n in range(1, len(SEQUENCE) + 1):
+                                model.reset()
+                                logits = model.eval(SEQUENCE[:n])
+                                model.reset()
+                                self.assertEqual(model.eval_greedy(SEQUENCE[:n]),
+                                                 picolm.first_largest(0, logits)[0])
+
+    def test_argmax_of_rows(self):
+        """GgmlRows.argmax: the first of the largest products, bit for bit as __call__
+        computes it, for x with outliers, near-ties (rows one weight apart) and exact ties
+        (equal rows), in rows of several chunks."""
+        rng = random.Random(9)
+        n_cols, n_rows = 96, 2 * picolm.GGML_ROWS + 40
+        for type_name in ("Q4_1", "Q8_0"):
+            block_bytes = gw.BLOCKS[type_name][1]
+            row_bytes = n_cols // 32 * block_bytes
+            data = bytearray(gw.random_tensor(gw.type_id(type_name), n_cols * n_rows, rng)[0])
+            star = data[5 * row_bytes:6 * row_bytes]
+            data[2100 * row_bytes:2101 * row_bytes] = star  # an exact tie, further on
+            nudged = bytearray(star)
+            nudged[-1] ^= 1  # one weight apart
+            data[700 * row_bytes:701 * row_bytes] = nudged
+            data[2101 * row_bytes:2102 * row_bytes] = nudged
+            tensor = SimpleNamespace(type=gw.type_id(type_name), n_cols=n_cols,
+                                     n_rows=n_rows, data=memoryview(bytes(data)))
+            star_values = gw.dequantize(type_name, bytes(star), n_cols)
+            xs = [star_values,  # rows 5 and 700 (each with a copy) the largest two
+                  [rng.gauss(0, 1) for _ in range(n_cols)],
+                  [rng.gauss(0, 1) * (300 if i == 7 else 1) for i in range(n_cols)],
+                  [0.0] * n_cols]
+            for packed in (False, True):
+                rows = picolm.GgmlRows(tensor, 0, n_rows, packed)
+                part = picolm.GgmlRows(tensor, 1000, n_rows, packed)
+                for i, x in enumerate(xs):
+                    with self.subTest(type=type_name, packed=packed, x=i):
+                        qx = picolm.Q8X(picolm._f32(x))
+                        want = picolm.first_largest(0, rows(qx))
+                        self.assertEqual(rows.argmax(qx), want)
+                        self.assertEqual(part.argmax(qx), picolm.first_largest(1000, part(qx)))
+                        if i == 0:
+                            self.assertIn(want[0], (5, 700))
 
     def test_memory_estimate(self):
         """GgmlRows.packed_bytes, which --pack auto relies on, is what the packed rows take
