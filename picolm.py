@@ -4211,7 +4211,8 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, do
             if group_id >= 0 and op == b"?":
                 kernel = kernels[group_id][0]
                 x = x_view[:kernel.tensor.n_cols].tolist()
-                y_view[2 * share - 2:2 * share] = array.array("d", kernel.argmax(kernel.prepare(x)))
+                best = kernel.argmax(kernel.prepare(x))
+                y_view[2 * share - 2:2 * share] = array.array("d", best)
             elif group_id >= 0:  # a negative id is a ping
                 x = x_view[:groups[group_id][0].n_cols].tolist()
                 base = 0
