@@ -4752,7 +4752,7 @@ class Model:
             if part is not None:
                 part.close()
                 setattr(self, name, None)
-        if self.file is not None:
+        if getattr(self, "file", None) is not None:
             self.file.close()
             self.file = None
 
@@ -4760,6 +4760,9 @@ class Model:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):  # dropped unclosed: the workers and the shared block go now
         self.close()
 
 
