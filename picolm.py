@@ -1057,7 +1057,10 @@ class StreamedRows:
 
 
 def first_largest(start, y):
-    """(start + i, y[i]) for the first of the largest values y[i] (rows' argmax)."""
+    """(start + i, y[i]) for the first of the largest values y[i] (rows' argmax); for no
+    rows (a worker's share of a tiny matrix), a value below every other."""
+    if not y:
+        return start, -math.inf
     best = max(range(len(y)), key=y.__getitem__)
     return start + best, y[best]
 
@@ -4305,7 +4308,7 @@ LAYER_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "
 
 # How the pure path computes: "llama.cpp" repeats llama.cpp's float32 operations bit for
 # bit where picolm knows them (every matrix Q4_1 or Q8_0; other models are computed
-# exactly), so greedy text equals llama.cpp's and the accelerator's, at ~0.15 tok/s on
+# exactly), so greedy text equals llama.cpp's and the accelerator's, at 0.1-0.23 tok/s on
 # SmolLM2; "exact" computes in float64, ~10x faster, and may pick another token where
 # llama.cpp's top two logits are close (it never uses the accelerator, which has only
 # llama.cpp's arithmetic).

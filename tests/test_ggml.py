@@ -173,6 +173,8 @@ class TestTinyModels(unittest.TestCase):
                         self.assertEqual(part.argmax(qx), picolm.first_largest(1000, part(qx)))
                         if i == 0:
                             self.assertIn(want[0], (5, 700))
+                none = picolm.GgmlRows(tensor, 9, 9, packed)  # a worker's empty share
+                self.assertEqual(none.argmax(picolm.Q8X(picolm._f32(xs[1]))), (9, -math.inf))
 
     def test_memory_estimate(self):
         """GgmlRows.packed_bytes, which --pack auto relies on, is what the packed rows take
