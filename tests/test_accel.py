@@ -6,7 +6,9 @@ with quantized activations within its stated bound (see qa_bound), and for Q4_1 
 (8-bit activations) bit for bit against ggml's arithmetic written out here (ggml_dot_q8).
 The library is built if a compiler exists (the native build, plus the --portable and the
 plain-C builds into a temporary folder so the fallbacks are tested too); the tests skip,
-saying so, only when there is no compiler.
+saying so, only when there is no compiler. Where a cross compiler and qemu are installed,
+the aarch64 and armv7 NEON builds run the same zoo checks under emulation (TestCrossBuilds,
+through tests/cross_harness.c).
 The model tests (greedy tokens and perplexity against llama.cpp) skip when the model file
 is absent (tools/get_model.py fetches it).
 """
@@ -20,6 +22,7 @@ import mmap
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import pathlib
 import random
@@ -253,6 +256,97 @@ def ggml_dot_q8(ggml_type, row_bytes, x):
             acc[k] = fma32(dd, float(lane), acc[k])
     pair = [f32(acc[i] + acc[i + 4]) for i in range(4)]
     return f32(f32(f32(pair[0] + pair[2]) + f32(pair[1] + pair[3])) + ms)
+class TestCrossBuilds(unittest.TestCase):
+    """The NEON builds (aarch64; armv7 with -mfpu=neon) and build_accel.py's cross builds,
+    where a cross compiler and qemu's user-mode emulator are installed: the kernels,
+    driven by tests/cross_harness.c under the emulator, hold to the quant zoo as the
+    native build does (dequantization bit for bit, float activations within 1e-5 of
+    |row|*|x|, 16-bit activations within qa_bound, Q4_1 and Q8_0 with 8-bit activations
+    bit for bit ggml's arithmetic)."""
+
+    TARGETS = [("aarch64", "aarch64-linux-gnu-gcc", "qemu-aarch64"),
+               ("armv7", "arm-linux-gnueabihf-gcc", "qemu-arm")]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.zoo = load_zoo()
+        cls.folder = tempfile.mkdtemp(prefix="picolm-cross-")
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.folder, ignore_errors=True)
+
+    def tools(self, name, cc, emulator):
+        if not (shutil.which(cc) and shutil.which(emulator)):
+            self.skipTest("%s or %s is not installed" % (cc, emulator))
+        return [cc], [emulator]
+
+    def test_build_accel_cross_builds(self):
+        for name, cc, emulator in self.TARGETS:
+            with self.subTest(target=name):
+                compiler, _ = self.tools(name, cc, emulator)
+                out = os.path.join(self.folder, "pk-%s.so" % name)
+                self.assertEqual(build_accel.build(quiet=True, cc=cc, output=out), out)
+                with open(out, "rb") as f:
+                    self.assertIn(b"PK-ISA:neon\0", f.read())
+
+    def run_harness(self, name, cc, emulator, requests):
+        """The answers of the harness built for the target to the requests (bytes)."""
+        compiler, runner = self.tools(name, cc, emulator)
+        system, arch = build_accel.target_of(compiler)
+        flags, isa = build_accel.isa_flags(arch, False, False)
+        exe = os.path.join(self.folder, "harness-%s" % name)
+        base = [f for f in build_accel.BASE_FLAGS if f not in ("-shared", "-fPIC")]
+        subprocess.run(compiler + base + flags + ["-static", '-DPK_SOURCE_HASH="cross"', "-o",
+                                                  exe, os.path.join(ROOT, "tests",
+                                                                    "cross_harness.c")]
+                       + build_accel.LIBS, check=True, capture_output=True, timeout=600)
+        result = subprocess.run(runner + [exe], input=requests, capture_output=True,
+                                timeout=600)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout[:16].rstrip(b"\0").decode(), isa)
+        return result.stdout[16:]
+
+    def test_neon_kernels_against_the_zoo(self):
+        zoo = self.zoo
+        x = zoo["floats"]("x")
+        n, xn = len(x), norm(x)
+        cases = []  # (type name, kind of request, its answer's length)
+        requests = bytearray()
+        for name in ZOO_TYPES:
+            data, t, shape = zoo["raw"](name + ".q")
+            rows = shape[1]
+            requests += struct.pack("<iiqq", 1, t, n * rows, len(data)) + data
+            cases.append((name, "dequantize", n * rows))
+            for quantize in (0, 1):
+                requests += (struct.pack("<iiiqqq", 2, t, quantize, n, rows, len(data)) + data
+                             + x.tobytes())
+                cases.append((name, "matvec quantized" if quantize else "matvec", rows))
+        for target in self.TARGETS:
+            with self.subTest(target=target[0]):
+                answers = memoryview(self.run_harness(*target, bytes(requests))).cast("f")
+                at = 0
+                for name, kind, count in cases:
+                    got, at = answers[at:at + count], at + count
+                    data, t, shape = zoo["raw"](name + ".q")
+                    expect, y = zoo["floats"](name + ".expect"), zoo["floats"](name + ".y")
+                    if kind == "dequantize":
+                        self.assertEqual(got.tobytes(), expect.tobytes(), name)
+                        continue
+                    bits = variant("plain").pk_type_has_qa(t) if kind != "matvec" else 0
+                    if bits == 8:
+                        rb = len(data) // count
+                        want = [ggml_dot_q8(t, data[r * rb:(r + 1) * rb], x) for r in range(count)]
+                        self.assertEqual(list(got), want, name)
+                        continue
+                    for r in range(count):
+                        row = expect[r * n:(r + 1) * n]
+                        bound = qa_bound(row, x, bits) if bits else 1e-5 * norm(row) * xn
+                        self.assertLessEqual(abs(got[r] - y[r]), bound, "%s %s row %d"
+                                             % (name, kind, r))
+                self.assertEqual(at, len(answers))
+
+
 # ----------------------------------------------------------------------------
 # The forward pass against llama.cpp
 
