@@ -1336,6 +1336,43 @@ static void q8_dots(int type, const uint8_t *w, int64_t rbytes, int nr, const ac
     if (type == T_Q4_1) { PK_Q8(T_Q4_1) }
     PK_Q8(T_Q8_0)
 #undef PK_Q8
+#elif defined(PK_NEON) && defined(__aarch64__)
+    /* the same 8 lanes as two 4-lane vectors: products widened to 16 bits, then summed in
+     * pairs twice, so lane k holds products 4k..4k+3; vfmaq_f32 is a fused multiply-add
+     * (armv7's NEON has none: it takes the plain-C path below, with libm's fmaf) */
+    const int bb = type == T_Q4_1 ? 20 : 34;
+    const int64_t n = a->n, nb = n / 32;
+    for (int r = 0; r < nr; r++)
+        for (int t = t0; t < t0 + nt; t++) {
+            float32x4_t lo = vdupq_n_f32(0.0f), hi = vdupq_n_f32(0.0f);
+            float ms = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = w + r * rbytes + b * bb;
+                const int8_t *y = a->q8 + (int64_t)t * n + 32 * b;
+                int8x16_t w0, w1;
+                if (type == T_Q4_1) {
+                    const uint8x16_t raw = vld1q_u8(blk + 4);
+                    w0 = vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(15)));
+                    w1 = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+                } else {
+                    w0 = vld1q_s8((const int8_t *)(blk + 2));
+                    w1 = vld1q_s8((const int8_t *)(blk + 18));
+                }
+                const int8x16_t y0 = vld1q_s8(y), y1 = vld1q_s8(y + 16);
+                const int32x4_t l03 = vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(w0), vget_low_s8(y0))),
+                                                 vpaddlq_s16(vmull_s8(vget_high_s8(w0), vget_high_s8(y0))));
+                const int32x4_t l47 = vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(w1), vget_low_s8(y1))),
+                                                 vpaddlq_s16(vmull_s8(vget_high_s8(w1), vget_high_s8(y1))));
+                const float32x4_t dd = vdupq_n_f32(h2f(blk) * a->d8[(int64_t)t * nb + b]);
+                lo = vfmaq_f32(lo, vcvtq_f32_s32(l03), dd);
+                hi = vfmaq_f32(hi, vcvtq_f32_s32(l47), dd);
+                if (type == T_Q4_1) ms = fmaf(h2f(blk + 2), a->s8[(int64_t)t * nb + b], ms);
+            }
+            float acc[8];
+            vst1q_f32(acc, lo);
+            vst1q_f32(acc + 4, hi);
+            out[r * ldo + (t - t0)] = hsum8_ggml(acc) + ms;
+        }
 #else
     const int bb = type == T_Q4_1 ? 20 : 34;
     const int64_t n = a->n, nb = n / 32;
