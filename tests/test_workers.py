@@ -47,6 +47,12 @@ def workers_running():
     return found
 
 
+def default_ctrl_c():
+    """In the child: SIGINT as a terminal delivers it. A shell script's background job
+    (as .ci/run starts the suites) inherits SIGINT ignored, and so would picolm."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def api_script(body):
     """python -c code that opens the test model with two processes, then runs body."""
     return ("import sys; sys.path.insert(0, %r); import picolm\n"
@@ -68,7 +74,8 @@ class WorkersTest(unittest.TestCase):
         proc = subprocess.Popen(
             [sys.executable, PICOLM, MODEL, "-j", "2", "--no-accel", "--pack", "off",
              "-c", "2048", "-n", "2000", "-t", "1.0", "-s", "1", "-p", "hello"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            preexec_fn=default_ctrl_c)
         self.assertTrue(proc.stdout.read(1), "no text was generated")
         self.assertTrue(workers_running(), "the worker did not start")
         return proc
