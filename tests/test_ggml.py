@@ -132,7 +132,7 @@ class TestTinyModels(unittest.TestCase):
                     with self.subTest(model=name, pack=pack, threads=threads):
                         with picolm.Model(path, n_ctx=32, accelerate=False, pack=pack,
                                           threads=threads) as model:
-                            for n in range(1, len(SEQUENCE) + 1):
+                            for n in (1, PROMPT, len(SEQUENCE)):
                                 model.reset()
                                 logits = model.eval(SEQUENCE[:n])
                                 model.reset()

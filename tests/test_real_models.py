@@ -9,7 +9,8 @@ path evaluates about 0.1-0.2 tokens per second here, so it runs subsets that kee
 within its budget:
   * streamed (--pack off): greedy from the first reference prompt, 4 generated tokens
     (llama.cpp has 48); the logits of that prompt (evaluated at once) and of 3 more
-    tokens equal to the accelerator's bit for bit; perplexity over the first 8 tokens of
+    tokens (the same positions, computed once for both checks) equal to the
+    accelerator's bit for bit; perplexity over the first 8 tokens of
     the reference text, evaluated in one batch as llama.cpp's reference was, against
     llama.cpp's own per-token figures (tests/data/*.nll.json); a CLI run with -c 2048, a
     short prompt and 4 tokens, whose text must be the accelerator's, and the memory
@@ -78,15 +79,30 @@ class SmolLM2Fidelity(unittest.TestCase):
     def tearDownClass(cls):
         cls.model.close()
 
+    def greedy_logits(self, case):
+        """The logits after case's prompt (evaluated at once), then after each of our
+        greedy tokens one by one: enough for the greedy test and the accelerator test,
+        which read the same positions, computed once per class and prompt."""
+        store = type(self).__dict__.get("_greedy_logits")
+        if store is None:
+            store = type(self)._greedy_logits = {}
+        if case["prompt"] not in store:
+            self.model.reset()
+            every = [self.model.eval(case["prompt_ids"])]
+            for _ in range(max(self.greedy_tokens, ACCEL_CHECK_TOKENS + 1) - 1):
+                logits = every[-1]
+                every.append(self.model.eval([max(range(len(logits)), key=logits.__getitem__)]))
+            store[case["prompt"]] = every
+        return store[case["prompt"]]
+
     def test_greedy_matches_llamacpp(self):
         """Greedy generation from each prompt gives llama.cpp's tokens: a token may differ
         only where llama.cpp's own top two logits are within NEAR_TIE (the continuations
         are unrelated from there on, so the comparison stops); and while the tokens agree,
         our logits of llama.cpp's top five are within TOP5_TOLERANCE of its own."""
         for case in self.reference["greedy"][:self.greedy_prompts]:
-            self.model.reset()
-            logits = self.model.eval(case["prompt_ids"])
-            for at, expected in enumerate(case["gen_ids"][:self.greedy_tokens]):
+            steps = zip(case["gen_ids"][:self.greedy_tokens], self.greedy_logits(case))
+            for at, (expected, logits) in enumerate(steps):
                 ours = max(range(len(logits)), key=logits.__getitem__)
                 top5 = case["top5"][at]
                 for token, value in top5:
@@ -98,7 +114,6 @@ class SmolLM2Fidelity(unittest.TestCase):
                                     "prompt %r, token %d: ours %d, llama.cpp %d"
                                     % (case["prompt"], at, ours, expected))
                     break
-                logits = self.model.eval([ours])
 
     def test_logits_equal_the_accelerators(self):
         """The first reference prompt evaluated at once, then ACCEL_CHECK_TOKENS greedy
@@ -108,10 +123,9 @@ class SmolLM2Fidelity(unittest.TestCase):
             self.skipTest("no C accelerator here: %s" % why)
         case = self.reference["greedy"][0]
         with picolm.Model(MODEL, n_ctx=64, accelerate=True) as twin:
-            self.model.reset()
             ids = case["prompt_ids"]
-            for step in range(ACCEL_CHECK_TOKENS + 1):
-                ours, theirs = self.model.eval(ids), twin.eval(ids)
+            for step, ours in enumerate(self.greedy_logits(case)[:ACCEL_CHECK_TOKENS + 1]):
+                theirs = twin.eval(ids)
                 self.assertTrue(ours == theirs, "step %d: logits differ by up to %g" % (
                     step, max(abs(a - b) for a, b in zip(ours, theirs))))
                 ids = [max(range(len(ours)), key=ours.__getitem__)]
