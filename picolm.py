@@ -1646,13 +1646,12 @@ class GgmlRows:
             y += ggml_dots(self.tensor.type, qx, *chunk)
         return y
 
-
     def argmax(self, qx):
         """(row, value): the largest of the rows' products with qx as __call__ computes
         them, the first row of equal ones, while computing the float32 chains of only the
         rows that can be it (greedy decoding's output matrix, ~20% of a token's work).
-        Every row's exact product E with ggml's 8-bit x is cheap (two big-int lanes per
-        block instead of eight, no float32 rounding); ggml's float32 result is within
+        Every row's exact product E with ggml's 8-bit x is cheap (one or two big-int lanes
+        per block instead of eight, no float32 rounding); ggml's float32 result is within
         B of it, B = (nb + 4) * 2**-24 * (the sum of |every term|) by the textbook bound for
         nb + 4 roundings deep, here doubled. Rows whose E + B falls short of some
         row's E - B cannot be the largest."""
@@ -4068,11 +4067,11 @@ class ParallelMatmul:
 
         group id (i64) | x (f64 x max_in) | y (f64 x max_out)
 
-    and a one-byte write on a pipe says "go" (b"!": multiply; b"?": the argmax of a
-    one-matrix group, each worker's best row and its value written as y[2i], y[2i+1]) or
-    "done". A worker that sees its pipe
-    close (this process ended, for whatever reason) exits, so none outlives us; the
-    block is unlinked as soon as every worker has attached, so none is left behind.
+    and a one-byte write on a pipe says "go" or "done". "Go" is b"!" to multiply, or b"?"
+    for the argmax of a one-matrix group (worker i writes its best row and that row's
+    value as y[2i], y[2i + 1]). A worker that sees its pipe close (this process ended, for
+    whatever reason) exits, so none outlives us; the block is unlinked as soon as every
+    worker has attached, so none is left behind.
     """
 
     def __init__(self, path, group_names, groups, n_procs, packed, ggml=False):
@@ -4211,18 +4210,18 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, do
             if not op:
                 break
             group_id = struct.unpack_from("<q", shm.buf, 0)[0]
-            if group_id >= 0 and op == b"?":
-                kernel = kernels[group_id][0]
-                x = x_view[:kernel.tensor.n_cols].tolist()
-                best = kernel.argmax(kernel.prepare(x))
-                y_view[2 * share - 2:2 * share] = array.array("d", best)
-            elif group_id >= 0:  # a negative id is a ping
+            if group_id >= 0:  # a negative id is a ping
                 x = x_view[:groups[group_id][0].n_cols].tolist()
-                base = 0
-                for kernel, rows in zip(kernels[group_id],
-                                        multiply_group(kernels[group_id], x)):
-                    y_view[base + kernel.start:base + kernel.end] = array.array("d", rows)
-                    base += kernel.tensor.n_rows
+                if op == b"?":
+                    kernel = kernels[group_id][0]
+                    best = kernel.argmax(kernel.prepare(x))
+                    y_view[2 * share - 2:2 * share] = array.array("d", best)
+                else:
+                    base = 0
+                    for kernel, rows in zip(kernels[group_id],
+                                            multiply_group(kernels[group_id], x)):
+                        y_view[base + kernel.start:base + kernel.end] = array.array("d", rows)
+                        base += kernel.tensor.n_rows
             os.write(done_fd, b"+")
     except (BrokenPipeError, KeyboardInterrupt):
         pass  # the parent has gone
