@@ -1339,7 +1339,7 @@ static void q8_dots(int type, const uint8_t *w, int64_t rbytes, int nr, const ac
 #elif defined(PK_NEON) && defined(__aarch64__)
     /* the same 8 lanes as two 4-lane vectors: products widened to 16 bits, then summed in
      * pairs twice, so lane k holds products 4k..4k+3; vfmaq_f32 is a fused multiply-add
-     * (armv7's NEON has none: it takes the plain-C path below, with libm's fmaf) */
+     * (-mfpu=neon on armv7 has none: it takes the plain-C path below, with libm's fmaf) */
     const int bb = type == T_Q4_1 ? 20 : 34;
     const int64_t n = a->n, nb = n / 32;
     for (int r = 0; r < nr; r++)
