@@ -1223,6 +1223,13 @@ def share_bounds(n_rows, share, n_shares):
     return n_rows * share // n_shares, n_rows * (share + 1) // n_shares
 
 
+def group_argmax(kernels, x):
+    """(row, value) of the largest product of a one-matrix group with x (the first of
+    equal ones), without every row's product where the kernel knows how."""
+    kernel, = kernels
+    return kernel.argmax(kernel.prepare(x))
+
+
 def multiply_group(kernels, x):
     """Every kernel's rows times x, preparing x once for each kind of kernel."""
     prepared, out = {}, []
@@ -4049,10 +4056,8 @@ class LocalMatmul:
         return multiply_group(self.kernels[group_id], x)
 
     def argmax(self, group_id, x):
-        """The row of the largest product of a one-matrix group with x (the first of
-        equal ones), without every row's product where the kernel knows how."""
-        kernel = self.kernels[group_id][0]
-        return kernel.argmax(kernel.prepare(x))[0]
+        """The row of group_argmax."""
+        return group_argmax(self.kernels[group_id], x)[0]
 
     def close(self):
         self.kernels = []
@@ -4101,9 +4106,7 @@ class ParallelMatmul:
         done_read, done_write = os.pipe()
         spec = (path, group_names, share, self.n_procs, self.shm.name, max_in,
                 go_read, done_write, packed, ggml)
-        code = ("import importlib.util as u, sys; s = u.spec_from_file_location("
-                "'picolm_worker', %r); m = u.module_from_spec(s); s.loader.exec_module(m); "
-                "m.matmul_worker(*%r)" % (os.path.abspath(__file__), spec))
+        code = this_file_as_module("m.matmul_worker(*%r)" % (spec,))
         try:
             worker = subprocess.Popen([sys.executable, "-c", code], pass_fds=(go_read, done_write),
                                       stdin=subprocess.DEVNULL)
@@ -4135,8 +4138,7 @@ class ParallelMatmul:
     def argmax(self, group_id, x):
         """As LocalMatmul.argmax: every process finds its rows' best."""
         self._start(b"?", group_id, x)
-        kernel = self.kernels[group_id][0]
-        best = [kernel.argmax(kernel.prepare(x))]
+        best = [group_argmax(self.kernels[group_id], x)]
         self.wait_for_workers()
         best += [(int(self.y_view[2 * i]), self.y_view[2 * i + 1])
                  for i in range(self.n_procs - 1)]
@@ -4170,6 +4172,14 @@ class ParallelMatmul:
             self.y_view.release()
             self.shm.close()
             self.shm = None
+
+
+def this_file_as_module(then):
+    """`python -c` code that loads this file as the module picolm (m), as an import would
+    (wherever it lies, even copied alone), then runs the statement `then`."""
+    return ("import importlib.util as u, sys; s = u.spec_from_file_location('picolm', %r); "
+            "m = u.module_from_spec(s); sys.modules['picolm'] = m; s.loader.exec_module(m); %s"
+            % (os.path.abspath(__file__), then))
 
 
 def attach_shared_memory(name):
@@ -4213,8 +4223,7 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, do
             if group_id >= 0:  # a negative id is a ping
                 x = x_view[:groups[group_id][0].n_cols].tolist()
                 if op == b"?":
-                    kernel = kernels[group_id][0]
-                    best = kernel.argmax(kernel.prepare(x))
+                    best = group_argmax(kernels[group_id], x)
                     y_view[2 * share - 2:2 * share] = array.array("d", best)
                 else:
                     base = 0
@@ -5169,8 +5178,6 @@ if __name__ == "__main__":
     # but not a module's: start over once as a module, loaded from this same file.
     if os.environ.get("PICOLM_AS_MODULE") != "1" and hasattr(os, "execv"):
         os.environ["PICOLM_AS_MODULE"] = "1"
-        os.execv(sys.executable, [sys.executable, "-c",
-                 "import importlib.util as u, sys; s = u.spec_from_file_location('picolm', %r); "
-                 "m = u.module_from_spec(s); sys.modules['picolm'] = m; s.loader.exec_module(m); "
-                 "sys.exit(m.main())" % os.path.abspath(__file__)] + sys.argv[1:])
+        os.execv(sys.executable, [sys.executable, "-c", this_file_as_module("sys.exit(m.main())")]
+                 + sys.argv[1:])
     sys.exit(main())
