@@ -1,5 +1,6 @@
 """--cache: a warm run prints what a cold run prints, the longest common prefix is
 reused, and every kind of bad cache file is ignored with one warning and rebuilt."""
+import json
 import os
 import subprocess
 import sys
@@ -148,10 +149,6 @@ def flip(data, at):
     return data[:at] + bytes((data[at] ^ 0x40,)) + data[at + 1:]
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -167,7 +164,6 @@ class SmolLM2WarmEqualsColdTest(unittest.TestCase):
     the sampled text of the third prompt."""
 
     def test_warm_equals_cold(self):
-        import json
         with open(os.path.join(ROOT, "tests", "data",
                                "smollm2-135m-instruct-q4_1.llamacpp.json"), encoding="utf-8") as f:
             prompts = [case["prompt"] for case in json.load(f)["greedy"]]
@@ -183,3 +179,7 @@ class SmolLM2WarmEqualsColdTest(unittest.TestCase):
                                                   cache=cache))
                         self.assertEqual(text, cold, (i, temperature, stats["cached_tokens"]))
                     self.assertGreater(stats["cached_tokens"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
