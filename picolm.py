@@ -1762,12 +1762,14 @@ def _lane_doubles(joined, width):
     return lanes
 
 
-def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched):
-    """picolm_kernels.c attend_ggml for every head: K.q with q rounded to FP16, the scores
-    scaled, softmax by expf_ggml (sums of 8 by hsum8, added in a double), the weights
-    rounded to FP16, then V.w. llama.cpp computes the two products of a batch of tokens with
-    tinyBLAS (8 lanes) and those of a single token with ggml_vec_dot_f16 (32 lanes):
-    `batched` picks which (tinyBLAS needs head_dim a multiple of 8)."""
+def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, heads=None):
+    """picolm_kernels.c attend_ggml for the query heads in range `heads` (default all):
+    K.q with q rounded to FP16, the scores scaled, softmax by expf_ggml (sums of 8 by
+    hsum8, added in a double), the weights rounded to FP16, then V.w. llama.cpp computes
+    the two products of a batch of tokens with tinyBLAS (8 lanes) and those of a single
+    token with ggml_vec_dot_f16 (32 lanes): `batched` picks which (tinyBLAS needs head_dim a
+    multiple of 8)."""
+    heads = range(n_head) if heads is None else heads
     keys, values = kv.rows(layer, 0, n_pos), kv.rows(layer, 1, n_pos)
     kv_dim, group, hd = kv.kv_dim, n_head // n_head_kv, head_dim
     tiny = batched and hd % 8 == 0
@@ -1776,12 +1778,12 @@ def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched):
     qh = halves(q)
     padding = [0.0] * (-n_pos % lanes * hd)
     out = []
-    for kv_head in range(n_head_kv):
+    for kv_head, group_heads in _kv_heads(heads, group):
         off = kv_head * hd
         key_columns = [keys[off + i::kv_dim] for i in range(hd)]  # dimension i, by position
         value_rows = list(chain.from_iterable(values[p * kv_dim + off:p * kv_dim + off + hd]
                                               for p in range(n_pos))) + padding
-        for h in range(kv_head * group, (kv_head + 1) * group):
+        for h in group_heads:
             scores = _f32(map(operator.mul, _f16_dots(key_columns, qh[h * hd:(h + 1) * hd], tiny),
                               repeat(scale)))
             e = expf_ggml(_f32(map(operator.sub, scores, repeat(max(scores)))))
@@ -3953,15 +3955,22 @@ class RopeGgml(RopeTable):
 
 class KVCache:
     """Keys and values of every layer and position in FP16, in anonymous memory that the
-    kernel hands out page by page: a short conversation touches only what it fills."""
+    kernel hands out page by page: a short conversation touches only what it fills. `buf`,
+    if given, is the memory to use instead (a block shared with -j N workers)."""
 
-    def __init__(self, n_layer, n_ctx, kv_dim):
+    def __init__(self, n_layer, n_ctx, kv_dim, buf=None):
         self.n_ctx, self.kv_dim = n_ctx, kv_dim
         self.layer_bytes = n_ctx * kv_dim * 2
-        self.nbytes = 2 * n_layer * self.layer_bytes
+        self.nbytes = self.bytes_needed(n_layer, n_ctx, kv_dim)
         flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-        self.buf = mmap.mmap(-1, self.nbytes, flags=flags) if flags else bytearray(self.nbytes)
+        if buf is None:
+            buf = mmap.mmap(-1, self.nbytes, flags=flags) if flags else bytearray(self.nbytes)
+        self.buf = buf
         self.row_format = struct.Struct("<%de" % kv_dim)
+
+    @staticmethod
+    def bytes_needed(n_layer, n_ctx, kv_dim):
+        return 2 * n_layer * n_ctx * kv_dim * 2
 
     def offset(self, layer, is_value, pos):
         return (2 * layer + is_value) * self.layer_bytes + pos * self.kv_dim * 2
@@ -3982,6 +3991,8 @@ class KVCache:
     def close(self):
         if isinstance(self.buf, mmap.mmap):
             self.buf.close()
+        elif isinstance(self.buf, memoryview):
+            self.buf.release()
 
 
 HALF_OVERFLOW = 65520.0  # the smallest magnitude that FP16 rounding turns into inf
@@ -3999,25 +4010,34 @@ def to_half_range(vec):
 ATTENTION_CHUNK = 64
 
 
-def attention(q, kv, layer, n_pos, n_head, n_head_kv, head_dim):
-    """Grouped-query attention of one query over positions 0..n_pos-1 of the cache.
+def _kv_heads(heads, group):
+    """(key/value head, the range of its query heads within `heads`) for every key/value
+    head that some query head in `heads` (a range) attends with, in order."""
+    for kv_head in range(heads.start // group, -(-heads.stop // group) if heads else 0):
+        yield kv_head, range(max(heads.start, kv_head * group),
+                             min(heads.stop, (kv_head + 1) * group))
+
+
+def attention(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, heads=None):
+    """Grouped-query attention of one query over positions 0..n_pos-1 of the cache, for
+    the query heads in range `heads` (default all).
 
     One pass over the cache with an online softmax, a chunk of positions at a time: a
     running maximum m, normaliser l and weighted sum acc per head, rescaled whenever a
     chunk raises the maximum. Memory is O(chunk), whatever the context length. The query
     heads that share a key/value head share its slices of the cache.
     """
+    heads = range(n_head) if heads is None else heads
     keys = kv.rows(layer, 0, n_pos)
     values = kv.rows(layer, 1, n_pos)
     kv_dim, group = kv.kv_dim, n_head // n_head_kv
     scale = 1.0 / math.sqrt(head_dim)
     mul, exp = operator.mul, math.exp
     out = []
-    for kv_head in range(n_head_kv):
+    for kv_head, group_heads in _kv_heads(heads, group):
         kv_off = kv_head * head_dim
-        heads = range(kv_head * group, (kv_head + 1) * group)
-        qs = [[v * scale for v in q[h * head_dim:(h + 1) * head_dim]] for h in heads]
-        state = [(-math.inf, 0.0, [0.0] * head_dim) for _ in heads]
+        qs = [[v * scale for v in q[h * head_dim:(h + 1) * head_dim]] for h in group_heads]
+        state = [(-math.inf, 0.0, [0.0] * head_dim) for _ in group_heads]
         for start in range(0, n_pos, ATTENTION_CHUNK):
             stop = min(n_pos, start + ATTENTION_CHUNK)
             rows = [keys[p * kv_dim + kv_off:p * kv_dim + kv_off + head_dim]
@@ -4046,52 +4066,101 @@ def attention(q, kv, layer, n_pos, n_head, n_head_kv, head_dim):
 # A "group" is a list of matrices that multiply the same input vector (q, k and v;
 # gate and up): one hand-off to the workers serves the whole group.
 
+class Attention:
+    """Attention of one query over a layer's cached positions in the model's arithmetic
+    (attention_ggml, or attention for exact arithmetic), for a range of query heads: the
+    processes of a -j N model can each answer for their own heads."""
+
+    def __init__(self, kv, n_head, n_head_kv, head_dim, ggml):
+        self.kv, self.n_head, self.n_head_kv, self.head_dim = kv, n_head, n_head_kv, head_dim
+        self.ggml = ggml
+
+    def __call__(self, q, layer, n_pos, batched, heads=None):
+        if self.ggml:
+            return attention_ggml(q, self.kv, layer, n_pos, self.n_head, self.n_head_kv,
+                                  self.head_dim, batched, heads)
+        return attention(q, self.kv, layer, n_pos, self.n_head, self.n_head_kv,
+                         self.head_dim, heads)
+
+
+def swiglu_of(ggml):
+    """SwiGLU in llama.cpp's float32 arithmetic, or exact."""
+    return swiglu_ggml if ggml else swiglu
+
+
 class LocalMatmul:
-    """Every row computed in this process."""
+    """Every row computed, and every head attended, in this process."""
 
     def __init__(self, groups, packed, ggml=False):
         self.kernels = [row_kernels(group, 0, 1, packed, ggml) for group in groups]
+        self.swiglu = swiglu_of(ggml)
 
     def __call__(self, group_id, x):
         return multiply_group(self.kernels[group_id], x)
 
+    def gated(self, group_id, x):
+        """swiglu(gate.x, up.x) for a (gate, up) group."""
+        return self.swiglu(*multiply_group(self.kernels[group_id], x))
+
     def argmax(self, group_id, x):
         """The row of group_argmax."""
         return group_argmax(self.kernels[group_id], x)[0]
+
+    def attend(self, attention, q, layer, n_pos, batched):
+        return attention(q, layer, n_pos, batched)
 
     def close(self):
         self.kernels = []
 
 
 class ParallelMatmul:
-    """Splits the rows of each matrix across this process and n-1 worker processes.
+    """Splits the rows of each matrix, and the query heads of attention, across this process
+    and n-1 worker processes.
 
     The workers are fresh interpreters running this file's `matmul_worker`; they map the
     model file themselves. The input vector and every output row travel through one
     `multiprocessing.shared_memory` block laid out as
 
-        group id (i64) | x (f64 x max_in) | y (f64 x max_out)
+        header (3 x i64) | x (f64 x max_in) | y (f64 x max_out) | KV cache (optional)
 
-    and a one-byte write on a pipe says "go" or "done". "Go" is b"!" to multiply, or b"?"
-    for the argmax of a one-matrix group (worker i writes its best row and that row's
-    value as y[2i], y[2i + 1]). A worker that sees its pipe close (this process ended, for
-    whatever reason) exits, so none outlives us; the block is unlinked as soon as every
-    worker has attached, so none is left behind.
+    and a one-byte write on a pipe says "go" or "done". "Go" is b"!" to multiply the
+    matrices of group `header[0]`, b"g" for swiglu of a (gate, up) group's products, b"?" for
+    the argmax of a one-matrix group (worker i writes its best row and that row's value as
+    y[2i], y[2i + 1]), or b"a" to attend (x is the query, the header layer, positions and
+    whether the token is one of a batch) over the KV cache, which then lives in the block
+    (kv_layout: n_layer, n_ctx, kv_dim, n_head, n_head_kv, head_dim). Each process answers
+    for its own rows or heads and writes them where all of them would be. A worker that
+    sees its pipe close (this process ended, for whatever reason) exits, so none outlives
+    us; the block is unlinked as soon as every worker has attached, so none is left behind.
     """
 
-    def __init__(self, path, group_names, groups, n_procs, packed, ggml=False):
+    HEADER = struct.Struct("<3q")
+
+    def __init__(self, path, group_names, groups, n_procs, packed, ggml=False, kv_layout=None):
         self.groups = groups
         self.n_procs = n_procs
+        self.swiglu = swiglu_of(ggml)
         self.workers, self.go_fds, self.done_fds = [], [], []
         max_in = max(group[0].n_cols for group in groups)
         max_out = max(sum(t.n_rows for t in group) for group in groups)
+        kv_bytes = 0
+        if kv_layout is not None:
+            n_layer, n_ctx, kv_dim, n_head, _, head_dim = kv_layout
+            kv_bytes = KVCache.bytes_needed(n_layer, n_ctx, kv_dim)
+            max_in, max_out = max(max_in, n_head * head_dim), max(max_out, n_head * head_dim)
         from multiprocessing import shared_memory  # here: 0.8 MB of modules -j 1 never needs
-        self.shm = shared_memory.SharedMemory(create=True, size=8 * (1 + max_in + max_out))
-        self.x_view = self.shm.buf[8:8 * (1 + max_in)].cast("d")
-        self.y_view = self.shm.buf[8 * (1 + max_in):].cast("d")
+        y_at = self.HEADER.size + 8 * max_in
+        kv_at = y_at + 8 * max_out
+        self.shm = shared_memory.SharedMemory(create=True, size=kv_at + kv_bytes)
+        self.x_view = self.shm.buf[self.HEADER.size:y_at].cast("d")
+        self.y_view = self.shm.buf[y_at:kv_at].cast("d")
+        self.kv = None  # the shared KV cache, if kv_layout
         try:
+            if kv_layout is not None:
+                self.kv = KVCache(*kv_layout[:3], buf=self.shm.buf[kv_at:])
             for share in range(1, n_procs):
-                self.start_worker(path, group_names, share, max_in, packed, ggml)
+                self.start_worker(path, group_names, share, max_in, max_out, packed, ggml,
+                                  kv_layout)
             # our own share is packed while the workers pack theirs
             self.kernels = [row_kernels(group, 0, n_procs, packed, ggml) for group in groups]
             self.wait_for_workers()
@@ -4101,11 +4170,11 @@ class ParallelMatmul:
         finally:
             self.shm.unlink()
 
-    def start_worker(self, path, group_names, share, max_in, packed, ggml):
+    def start_worker(self, path, group_names, share, max_in, max_out, packed, ggml, kv_layout):
         go_read, go_write = os.pipe()
         done_read, done_write = os.pipe()
-        spec = (path, group_names, share, self.n_procs, self.shm.name, max_in,
-                go_read, done_write, packed, ggml)
+        spec = (path, group_names, share, self.n_procs, self.shm.name, max_in, max_out,
+                go_read, done_write, packed, ggml, kv_layout)
         code = this_file_as_module("m.matmul_worker(*%r)" % (spec,))
         try:
             worker = subprocess.Popen([sys.executable, "-c", code], pass_fds=(go_read, done_write),
@@ -4124,20 +4193,26 @@ class ParallelMatmul:
 
     def ping(self):
         """One empty round trip to every worker: the fixed cost of a hand-off."""
-        struct.pack_into("<q", self.shm.buf, 0, -1)
+        self.HEADER.pack_into(self.shm.buf, 0, -1, 0, 0)
         for fd in self.go_fds:
             os.write(fd, b"!")
         self.wait_for_workers()
 
-    def _start(self, op, group_id, x):
-        struct.pack_into("<q", self.shm.buf, 0, group_id)
+    def _start(self, op, x, *header):
+        self.HEADER.pack_into(self.shm.buf, 0, *header)
         self.x_view[:len(x)] = array.array("d", x)
         for fd in self.go_fds:
             os.write(fd, op)
 
+    def _gather(self, mine, bounds):
+        """mine (this process's share) followed by the workers' shares from y."""
+        out = list(mine)
+        out.extend(self.y_view[len(out) + bounds[0]:bounds[1]])
+        return out
+
     def argmax(self, group_id, x):
         """As LocalMatmul.argmax: every process finds its rows' best."""
-        self._start(b"?", group_id, x)
+        self._start(b"?", x, group_id, 0, 0)
         best = [group_argmax(self.kernels[group_id], x)]
         self.wait_for_workers()
         best += [(int(self.y_view[2 * i]), self.y_view[2 * i + 1])
@@ -4146,15 +4221,32 @@ class ParallelMatmul:
 
     def __call__(self, group_id, x):
         group = self.groups[group_id]
-        self._start(b"!", group_id, x)
+        self._start(b"!", x, group_id, 0, 0)
         mine = multiply_group(self.kernels[group_id], x)
         self.wait_for_workers()
         outputs, base = [], 0
         for tensor, own_rows in zip(group, mine):
-            own_rows.extend(self.y_view[base + len(own_rows):base + tensor.n_rows])
-            outputs.append(own_rows)
+            outputs.append(self._gather(own_rows, (base, base + tensor.n_rows)))
             base += tensor.n_rows
         return outputs
+
+    def gated(self, group_id, x):
+        """As LocalMatmul.gated; each process applies swiglu to its own rows."""
+        self._start(b"g", x, group_id, 0, 0)
+        mine = self.swiglu(*multiply_group(self.kernels[group_id], x))
+        self.wait_for_workers()
+        return self._gather(mine, (0, self.groups[group_id][0].n_rows))
+
+    def attend(self, attention, q, layer, n_pos, batched):
+        """As LocalMatmul.attend, each process attending with its share of the query heads
+        when the KV cache is the shared one."""
+        if attention.kv is not self.kv:
+            return attention(q, layer, n_pos, batched)
+        self._start(b"a", q, layer, n_pos, batched)
+        mine = attention(q, layer, n_pos, batched,
+                         range(*share_bounds(attention.n_head, 0, self.n_procs)))
+        self.wait_for_workers()
+        return self._gather(mine, (0, len(q)))
 
     def close(self):
         for fd in self.go_fds + self.done_fds:
@@ -4168,6 +4260,8 @@ class ParallelMatmul:
                 worker.wait()
         self.workers, self.kernels = [], []
         if self.shm is not None:
+            if self.kv is not None:
+                self.kv.close()
             self.x_view.release()
             self.y_view.release()
             self.shm.close()
@@ -4180,6 +4274,16 @@ def this_file_as_module(then):
     return ("import importlib.util as u, sys; s = u.spec_from_file_location('picolm', %r); "
             "m = u.module_from_spec(s); sys.modules['picolm'] = m; s.loader.exec_module(m); %s"
             % (os.path.abspath(__file__), then))
+
+
+def shared_memory_room(nbytes):
+    """Whether /dev/shm (where Linux keeps shared blocks) has nbytes free: a block that
+    outgrows it kills its users with SIGBUS when they touch the missing pages."""
+    try:
+        fs = os.statvfs("/dev/shm")
+    except (OSError, AttributeError):
+        return False
+    return fs.f_bavail * fs.f_frsize >= 2 * nbytes
 
 
 def attach_shared_memory(name):
@@ -4197,9 +4301,10 @@ def attach_shared_memory(name):
         resource_tracker.register = register
 
 
-def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, done_fd,
-                  packed, ggml):
-    """A worker process: multiplies its share of every matrix's rows, on request."""
+def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, go_fd,
+                  done_fd, packed, ggml, kv_layout):
+    """A worker process: multiplies its share of every matrix's rows, and attends with its
+    share of the query heads, on request (see ParallelMatmul)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     try:
         model_file = GGUFFile(path)
@@ -4211,30 +4316,47 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, go_fd, do
         os.write(done_fd, b"-")
         return
     release_free_memory()  # the compiler's scratch for this file, and the metadata
-    x_view = shm.buf[8:8 * (1 + max_in)].cast("d")
-    y_view = shm.buf[8 * (1 + max_in):].cast("d")
+    header = ParallelMatmul.HEADER
+    y_at = header.size + 8 * max_in
+    x_view = shm.buf[header.size:y_at].cast("d")
+    y_view = shm.buf[y_at:y_at + 8 * max_out].cast("d")
+    attention, heads = None, None
+    if kv_layout is not None:
+        n_layer, n_ctx, kv_dim, n_head, n_head_kv, head_dim = kv_layout
+        attention = Attention(KVCache(n_layer, n_ctx, kv_dim, buf=shm.buf[y_at + 8 * max_out:]),
+                              n_head, n_head_kv, head_dim, ggml)
+        heads = range(*share_bounds(n_head, share, n_procs))
     os.write(done_fd, b"+")
     try:
         while True:
             op = os.read(go_fd, 1)
             if not op:
                 break
-            group_id = struct.unpack_from("<q", shm.buf, 0)[0]
-            if group_id >= 0:  # a negative id is a ping
+            group_id, n_pos, batched = header.unpack_from(shm.buf, 0)
+            if op == b"a":
+                q = x_view[:attention.n_head * attention.head_dim].tolist()
+                rows = attention(q, group_id, n_pos, bool(batched), heads)
+                y_view[heads.start * attention.head_dim:heads.stop * attention.head_dim] = (
+                    array.array("d", rows))
+            elif group_id >= 0:  # a negative id is a ping
                 x = x_view[:groups[group_id][0].n_cols].tolist()
+                mine = kernels[group_id]
                 if op == b"?":
-                    best = group_argmax(kernels[group_id], x)
-                    y_view[2 * share - 2:2 * share] = array.array("d", best)
+                    y_view[2 * share - 2:2 * share] = array.array("d", group_argmax(mine, x))
+                elif op == b"g":
+                    rows = swiglu_of(ggml)(*multiply_group(mine, x))
+                    y_view[mine[0].start:mine[0].end] = array.array("d", rows)
                 else:
                     base = 0
-                    for kernel, rows in zip(kernels[group_id],
-                                            multiply_group(kernels[group_id], x)):
+                    for kernel, rows in zip(mine, multiply_group(mine, x)):
                         y_view[base + kernel.start:base + kernel.end] = array.array("d", rows)
                         base += kernel.tensor.n_rows
             os.write(done_fd, b"+")
     except (BrokenPipeError, KeyboardInterrupt):
         pass  # the parent has gone
     finally:
+        if attention is not None:
+            attention.kv.close()
         x_view.release()
         y_view.release()
         shm.close()
@@ -4420,10 +4542,19 @@ class Model:
                                  else None)
         start = time.perf_counter()
         if self.threads > 1:
+            # the workers attend too when the KV cache can live in the shared block
+            kv_layout = ((cfg.n_layer, n_ctx, self.kv.kv_dim, cfg.n_head, cfg.n_head_kv,
+                          cfg.head_dim)
+                         if self.packed_attention is None and shared_memory_room(self.kv.nbytes)
+                         else None)
             self.matmul = ParallelMatmul(self.path, group_names, groups, self.threads, packed,
-                                         self.ggml)
+                                         self.ggml, kv_layout)
+            if self.matmul.kv is not None:
+                self.kv.close()
+                self.kv = self.matmul.kv
         else:
             self.matmul = LocalMatmul(groups, packed, self.ggml)
+        self.attention = Attention(self.kv, cfg.n_head, cfg.n_head_kv, cfg.head_dim, self.ggml)
         if packed:
             self.weights += "; packed in %.1f s" % (time.perf_counter() - start)
         self.tokens = []  # the tokens evaluated so far, one per filled cache position
@@ -4434,7 +4565,7 @@ class Model:
         their "argmax" (the first of equal ones), or nothing (want None).
         batched: the token is one of a batch (llama.cpp attends in another order then)."""
         cfg, kv = self.config, self.kv
-        norm, gated = (rmsnorm_ggml, swiglu_ggml) if self.ggml else (rmsnorm, swiglu)
+        norm = rmsnorm_ggml if self.ggml else rmsnorm
         residual = _fadd if self.ggml else add_into  # x + delta, in float32 or in place
         n_groups = len(LAYER_GROUPS)
         row = row_bytes(self.embedding.type, cfg.n_embd)
@@ -4449,19 +4580,14 @@ class Model:
             self.rope.rotate(k, cfg.n_head_kv, cfg.head_dim, pos)
             kv.store(layer, pos, k, v)
             att = None
-            if self.ggml:
-                att = attention_ggml(q, kv, layer, pos + 1, cfg.n_head, cfg.n_head_kv,
-                                     cfg.head_dim, batched)
-            elif self.packed_attention is not None:
+            if self.packed_attention is not None:
                 att = self.packed_attention.step(kv, layer, pos, q)
             if att is None:
-                att = attention(q, kv, layer, pos + 1, cfg.n_head, cfg.n_head_kv,
-                                cfg.head_dim)
+                att = self.matmul.attend(self.attention, q, layer, pos + 1, batched)
             x = residual(x, self.matmul(group + 1, att)[0])
-            # feed-forward: normalise, SwiGLU, project down
+            # feed-forward: normalise, SwiGLU of the gate and up projections, project down
             xb = norm(x, self.ffn_norms[layer], cfg.norm_eps)
-            gate, up = self.matmul(group + 2, xb)
-            x = residual(x, self.matmul(group + 3, gated(gate, up))[0])
+            x = residual(x, self.matmul(group + 3, self.matmul.gated(group + 2, xb))[0])
         if want is None:
             return None
         x = norm(x, self.output_norm, cfg.norm_eps)
@@ -4946,26 +5072,31 @@ STATE_HEADER = len(STATE_MAGIC) + 8 + STATE_FINGERPRINT.size
 MB = 1024 * 1024
 
 
-def rss_anon_bytes(pid="self"):
-    """Resident anonymous memory of a process (Linux), or None where /proc cannot say."""
+def resident_bytes(pid="self", shared=True):
+    """A process's own resident memory (Linux): RssAnon, plus RssShmem (the -j N shared
+    block, where the KV cache then lives) if `shared`; None where /proc cannot say. The
+    mapped model file (RssFile) is not counted: the kernel may drop it at any time."""
+    fields = ("RssAnon:", "RssShmem:") if shared else ("RssAnon:",)
+    total, found = 0, 0
     try:
         with open("/proc/%s/status" % pid) as status:
             for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(fields):
+                    total += int(line.split()[1]) * 1024
+                    found += 1
     except (OSError, ValueError):
-        pass
-    return None
+        return None
+    return total if found == len(fields) else None
 
 
 class MemoryWatch:
-    """Keeps the peak RssAnon seen at the moments it is sampled (after every token)."""
+    """Keeps the peak resident_bytes seen at the moments it is sampled (after every token)."""
 
     def __init__(self):
         self.peak = 0
 
     def sample(self):
-        now = rss_anon_bytes()
+        now = resident_bytes()
         if now is not None:
             self.peak = max(self.peak, now)
         return now
@@ -5094,12 +5225,12 @@ def report(model, stats, memory):
     kv = model.kv
     kv_used = len(model.tokens) * kv.kv_dim * 2 * 2 * model.config.n_layer
     if memory.peak:
-        lines.append("memory: RssAnon peak %.1f MB (KV cache %.1f MB of it, runtime state "
-                     "%.1f MB); at full context (%d positions) about %.1f MB" % (
+        lines.append("memory: RssAnon+RssShmem peak %.1f MB (KV cache %.1f MB of it, runtime "
+                     "state %.1f MB); at full context (%d positions) about %.1f MB" % (
                          memory.peak / MB, kv_used / MB, (memory.peak - kv_used) / MB,
                          model.n_ctx, (memory.peak - kv_used + kv.nbytes) / MB))
     if isinstance(model.matmul, ParallelMatmul):
-        worker_rss = [rss_anon_bytes(w.pid) for w in model.matmul.workers]
+        worker_rss = [resident_bytes(w.pid, shared=False) for w in model.matmul.workers]
         if all(r is not None for r in worker_rss):
             lines.append("memory: %d worker%s, RssAnon %s MB" % (
                 len(worker_rss), "s" if len(worker_rss) > 1 else "",

@@ -52,15 +52,21 @@ class CacheTest(unittest.TestCase):
         return [line for line in err.splitlines() if line.startswith("picolm: warning:")]
 
     def test_warm_equals_cold_in_process(self):
-        for accelerate in (True, False):
+        """Also with -j 2 on the pure path, whose KV cache lives in the block it shares
+        with the worker that attends with half the heads."""
+        for accelerate, threads in ((True, 1), (False, 1), (False, 2)):
             for temperature, seed in ((0.0, 1), (0.9, 7)):
-                with picolm.Model(self.path, n_ctx=256, accelerate=accelerate) as m:
+                with picolm.Model(self.path, n_ctx=256, accelerate=accelerate,
+                                  threads=threads) as m:
                     cold = "".join(m.generate(PROMPT, 12, temperature, 0.9, seed))
                     if os.path.exists(self.cache):
                         os.unlink(self.cache)
                     first = "".join(m.generate(PROMPT, 12, temperature, 0.9, seed,
                                                cache=self.cache))
-                with picolm.Model(self.path, n_ctx=256, accelerate=accelerate) as m:
+                with picolm.Model(self.path, n_ctx=256, accelerate=accelerate,
+                                  threads=threads) as m:
+                    if threads > 1 and not accelerate:
+                        self.assertIs(m.kv, m.matmul.kv)
                     stats = {}
                     warm = "".join(m.generate(PROMPT, 12, temperature, 0.9, seed, stats,
                                               cache=self.cache))

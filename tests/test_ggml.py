@@ -105,6 +105,29 @@ class TestTinyModels(unittest.TestCase):
         self.assertTrue(batched != single, "the two orders agree to the last bit")
         self.assertLess(max(abs(a - b) for a, b in zip(batched, single)), 1e-5)
 
+    def test_attention_by_head_ranges(self):
+        """-j N processes attend with a share of the query heads each (SmolLM2: 9 heads
+        on 3 key/value heads, split 4 + 5): the shares, joined, are the whole, for every
+        split point, in llama.cpp's arithmetic (both orders) and exact."""
+        rng = random.Random(5)
+        n_pos, head_dim, n_head, n_head_kv = 11, 16, 9, 3
+        kv = picolm.KVCache(1, n_pos, n_head_kv * head_dim)
+        for pos in range(n_pos):
+            kv.store(0, pos, [rng.gauss(0, 2) for _ in range(n_head_kv * head_dim)],
+                     [rng.gauss(0, 1) for _ in range(n_head_kv * head_dim)])
+        q = [f32(rng.gauss(0, 2)) for _ in range(n_head * head_dim)]
+        for ggml in (True, False):
+            for batched in (True, False):
+                attention = picolm.Attention(kv, n_head, n_head_kv, head_dim, ggml)
+                whole = attention(q, 0, n_pos, batched)
+                self.assertEqual(len(whole), n_head * head_dim)
+                for split in range(n_head + 1):
+                    with self.subTest(ggml=ggml, batched=batched, split=split):
+                        self.assertEqual(attention(q, 0, n_pos, batched, range(split))
+                                         + attention(q, 0, n_pos, batched,
+                                                     range(split, n_head)), whole)
+        kv.close()
+
     def test_which_tokens_attend_as_a_batch(self):
         """As pk_forward: every token of a call with several ids is part of llama.cpp's
         batch, except a last one alone in a new micro-batch of 512 (and a call's only

@@ -11,10 +11,12 @@ weights packed into big-integer columns, --pack on), `pure_exact` and `packed_ex
 same with --arithmetic exact), `accel` (the C accelerator, N threads) or `llama` (llama.cpp through
 llama-cpp-python, run by the interpreter given with --llama-python, e.g. that of a
 throw-away virtual environment: it is never a dependency of picolm). Each configuration
-runs in a fresh process, so its peak RssAnon is its own; the figures of one run are printed
-as a table, as ratios against the first configuration, and as JSON. Prefill is timed on a
-prompt of exactly --prompt-tokens tokens (cut from the GPL text in tests/data); generation
-is greedy, --gen-tokens tokens, and its rate counts the tokens after the first.
+runs in a fresh process, so its peak memory (RssAnon, plus RssShmem: the block a -j N
+model shares with its workers, which holds the KV cache) is its own; the figures of one
+run are printed as a table, as ratios against the first configuration, and as JSON.
+Prefill is timed on a prompt of exactly --prompt-tokens tokens (cut from the GPL text in
+tests/data); generation is greedy, --gen-tokens tokens, and its rate counts the tokens
+after the first.
 """
 
 import argparse
@@ -69,7 +71,8 @@ def measure(model_path, backend, threads, prompt_tokens, gen_tokens):
         generation = time.perf_counter() - t1
         worker_rss = 0
         if isinstance(model.matmul, picolm.ParallelMatmul):
-            worker_rss = sum(picolm.rss_anon_bytes(w.pid) or 0 for w in model.matmul.workers)
+            worker_rss = sum(picolm.resident_bytes(w.pid, shared=False) or 0
+                             for w in model.matmul.workers)
     return figures(backend, threads, load_seconds, len(ids), prefill, first_token,
                    gen_tokens, generation, watch.peak, worker_rss, handoff_us)
 
@@ -152,7 +155,7 @@ def figures(backend, threads, load_s, n_prompt, prefill, first_token, gen_tokens
         prefill_tok_s=round(n_prompt / prefill, 3),
         generation_tok_s=round((gen_tokens - 1) / generation, 3) if gen_tokens > 1 else None,
         time_to_first_token_s=round(first_token, 3),
-        peak_rss_anon_mb=round(peak_rss / 2**20, 1),
+        peak_memory_mb=round(peak_rss / 2**20, 1),
         workers_rss_anon_mb=round(worker_rss / 2**20, 1),
         handoff_us=round(handoff_us, 1) if handoff_us is not None else None,
         prompt_tokens=n_prompt, gen_tokens=gen_tokens)
@@ -199,16 +202,16 @@ def main():
         rows.append(json.loads(out.decode().strip().splitlines()[-1]))
         print("bench: measured %s" % config, file=sys.stderr, flush=True)
     header = ("config", "load s", "prefill tok/s", "gen tok/s", "first token s",
-              "RssAnon MB", "workers MB", "hand-off us")
-    print("model: %s, Python %s, %d-token prompt, %d generated" % (
-        os.path.basename(args.model), sys.version.split()[0], args.prompt_tokens,
-        args.gen_tokens))
+              "memory MB", "workers MB", "hand-off us")
+    print("model: %s, Python %s (%s), %d-token prompt, %d generated" % (
+        os.path.basename(args.model), sys.version.split()[0], sys.executable,
+        args.prompt_tokens, args.gen_tokens))
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         print("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["config"], r["load_s"], r["prefill_tok_s"], r["generation_tok_s"],
-            r["time_to_first_token_s"], r["peak_rss_anon_mb"], r["workers_rss_anon_mb"],
+            r["time_to_first_token_s"], r["peak_memory_mb"], r["workers_rss_anon_mb"],
             r["handoff_us"] if r["handoff_us"] is not None else "-"))
     by_config = {r["config"]: r for r in rows}
     for a, b in (("pure -j 2", "pure -j 1"), ("packed -j 2", "packed -j 1"),
@@ -221,7 +224,7 @@ def main():
                 a, b, by_config[a]["prefill_tok_s"] / by_config[b]["prefill_tok_s"],
                 (by_config[a]["generation_tok_s"] or 0) / (by_config[b]["generation_tok_s"] or 1)))
     print(json.dumps({"model": os.path.basename(args.model), "python": sys.version.split()[0],
-                      "runs": rows}, indent=1))
+                      "python_executable": sys.executable, "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":
