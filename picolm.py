@@ -4141,13 +4141,10 @@ class ParallelMatmul:
         self.n_procs = n_procs
         self.swiglu = swiglu_of(ggml)
         self.workers, self.go_fds, self.done_fds = [], [], []
+        # x and y also hold attention's query and output: attn_output's input, attn_q's rows
         max_in = max(group[0].n_cols for group in groups)
         max_out = max(sum(t.n_rows for t in group) for group in groups)
-        kv_bytes = 0
-        if kv_layout is not None:
-            n_layer, n_ctx, kv_dim, n_head, _, head_dim = kv_layout
-            kv_bytes = KVCache.bytes_needed(n_layer, n_ctx, kv_dim)
-            max_in, max_out = max(max_in, n_head * head_dim), max(max_out, n_head * head_dim)
+        kv_bytes = 0 if kv_layout is None else KVCache.bytes_needed(*kv_layout[:3])
         from multiprocessing import shared_memory  # here: 0.8 MB of modules -j 1 never needs
         y_at = self.HEADER.size + 8 * max_in
         kv_at = y_at + 8 * max_out
@@ -4320,7 +4317,7 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, 
     y_at = header.size + 8 * max_in
     x_view = shm.buf[header.size:y_at].cast("d")
     y_view = shm.buf[y_at:y_at + 8 * max_out].cast("d")
-    attention, heads = None, None
+    swiglu, attention, heads = swiglu_of(ggml), None, None
     if kv_layout is not None:
         n_layer, n_ctx, kv_dim, n_head, n_head_kv, head_dim = kv_layout
         attention = Attention(KVCache(n_layer, n_ctx, kv_dim, buf=shm.buf[y_at + 8 * max_out:]),
@@ -4344,7 +4341,7 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, 
                 if op == b"?":
                     y_view[2 * share - 2:2 * share] = array.array("d", group_argmax(mine, x))
                 elif op == b"g":
-                    rows = swiglu_of(ggml)(*multiply_group(mine, x))
+                    rows = swiglu(*multiply_group(mine, x))
                     y_view[mine[0].start:mine[0].end] = array.array("d", rows)
                 else:
                     base = 0
