@@ -1371,7 +1371,12 @@ LLAMA_UBATCH = 512  # llama.cpp's default micro-batch
 
 
 def _f32(values):
-    """values rounded to float32, as an array('f')."""
+    """values rounded to float32, as an array('f'). Any other iterable than a list, tuple or
+    array goes through a list first: array() grows itself an item at a time over an
+    iterator, which made the small float32 steps here (the Q4_1 m*s chain, hsum8) 10-20%
+    slower."""
+    if not isinstance(values, (list, tuple, array.array)):
+        values = list(values)
     return array.array("f", values)
 
 
@@ -1381,7 +1386,7 @@ def _to_f32(value):
 
 def _fadd(a, b):
     """a + b element by element in float32."""
-    return array.array("f", map(operator.add, a, b))
+    return _f32(map(operator.add, a, b))
 
 
 def halves(values):
