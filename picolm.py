@@ -1210,13 +1210,23 @@ def _scaled_floats(type_id, data, R, K):
     return bytearray(doubles.tobytes()), exps
 
 
-def row_kernels(tensors, share, n_shares, packed, ggml=False):
+def row_kernels(tensors, share, n_shares, packed, ggml=False, gated=False):
     """share's rows of every tensor, packed or streamed; with ggml's arithmetic (GgmlRows)
-    or exact."""
+    or exact. SwiGLU's gate and up (gated), packed Q4_1 in ggml's arithmetic, are only
+    bounded (GgmlBoundRows, for gated_q8), in whole blocks of 32 rows."""
+    if ggml and gated and packed and boundable(tensors):
+        return [GgmlBoundRows(t, *(32 * b for b in share_bounds(t.n_rows // 32, share,
+                                                                  n_shares)))
+                for t in tensors]
     if ggml:
         return [GgmlRows(t, *share_bounds(t.n_rows, share, n_shares), packed) for t in tensors]
     kind = PackedRows if packed else StreamedRows
     return [kind(t, *share_bounds(t.n_rows, share, n_shares)) for t in tensors]
+
+
+def boundable(tensors):
+    """Whether GgmlBoundRows can bound these matrices: Q4_1 (d >= 0, weights 0..15)."""
+    return all(t.type == GGML_Q4_1 for t in tensors)
 
 
 def share_bounds(n_rows, share, n_shares):
@@ -1228,6 +1238,14 @@ def group_argmax(kernels, x):
     equal ones), without every row's product where the kernel knows how."""
     kernel, = kernels
     return kernel.argmax(kernel.prepare(x))
+
+
+def gated_group(kernels, x, swiglu):
+    """SwiGLU of a (gate, up) group's rows with x: the values, or for GgmlBoundRows their
+    8-bit form (q, d) as gated_q8 makes it."""
+    if isinstance(kernels[0], GgmlBoundRows):
+        return gated_q8(*kernels, Q8X(x))
+    return swiglu(*multiply_group(kernels, x))
 
 
 def multiply_group(kernels, x):
@@ -1564,18 +1582,38 @@ class Q8X:
     (127/amax)), all float32, then d and s = d*sum(q) rounded to FP16."""
 
     def __init__(self, x):
-        self.x = x
-        amax = [max(map(abs, x[i:i + 32])) for i in range(0, len(x), 32)]
-        # inf or nan has no 8-bit form (ggml makes garbage of it): the products are nan
-        self.finite = math.isfinite(math.fsum(amax))
-        if not self.finite:
-            return
-        d = _f32([a / 127.0 for a in amax])
-        inverse = _f32([127.0 / a if a else 0.0 for a in amax])
-        self.q = list(map(round, _f32(map(operator.mul, x, _per_weight(inverse, 32)))))
-        sums = [sum(self.q[i:i + 32]) for i in range(0, len(x), 32)]
-        self.d = halves(d)
-        self.s = halves(_f32(map(operator.mul, d, sums)))
+        self._set(*(q8_blocks(x) or _not_finite_blocks(len(x))))
+
+    @classmethod
+    def from_blocks(cls, q, d):
+        """The Q8X whose 8-bit values are q and whose blocks' float32 scales are d."""
+        qx = cls.__new__(cls)
+        qx._set(q, d)
+        return qx
+
+    def _set(self, q, d):
+        self.blocks = (q, d)
+        self.finite = math.isfinite(math.fsum(d))
+        if self.finite:
+            self.q = q
+            sums = [sum(q[i:i + 32]) for i in range(0, len(q), 32)]
+            self.d = halves(d)
+            self.s = halves(_f32(map(operator.mul, d, sums)))
+
+
+def q8_blocks(x):
+    """ggml's quantize_row_q8_1 of x: (q, d), the 8-bit values and each block's float32
+    scale, or None when x holds inf or nan, which have no 8-bit form (ggml makes garbage
+    of them; here the products are nan)."""
+    if not all(map(math.isfinite, x)):
+        return None
+    d, inverse = q8_scales([max(map(abs, x[i:i + 32])) for i in range(0, len(x), 32)])
+    return list(map(round, _f32(map(operator.mul, x, _per_weight(inverse, 32))))), d
+
+
+def q8_scales(amax):
+    """Each block's scale d = amax/127 and its inverse 127/amax (0 for amax 0), float32."""
+    return _f32([a / 127.0 for a in amax]), _f32([127.0 / a if a else 0.0 for a in amax])
 
 
 # Bytes per lane of a GgmlRows column: a Q4_1 lane sum (4 products of 0..15 by -127..127)
@@ -1603,7 +1641,7 @@ class GgmlRows:
 
     @staticmethod
     def prepare(x):
-        return Q8X(x)
+        return x if isinstance(x, Q8X) else Q8X(x)
 
     @staticmethod
     def packed_bytes(tensor):
@@ -1616,14 +1654,29 @@ class GgmlRows:
                 + 4 * scales * tensor.n_rows * (tensor.n_cols // 32))
 
     def _unpack(self, first, R):
+        """ggml_dots' (columns, d, m) for rows first..first+R-1."""
+        rb = row_bytes(self.tensor.type, self.tensor.n_cols)
+        return self._unpack_raw(bytes(self.tensor.data[first * rb:(first + R) * rb]), R)
+
+    def rows(self, qx, rows):
+        """The products of the given rows (any of the matrix's) with qx, read from the
+        map: a few rows of a matrix otherwise only bounded (gated_q8)."""
+        t = self.tensor
+        rb, y = row_bytes(t.type, t.n_cols), []
+        for i in range(0, len(rows), GGML_ROWS):
+            some = rows[i:i + GGML_ROWS]
+            raw = b"".join(t.data[r * rb:(r + 1) * rb] for r in some)
+            y += ggml_dots(t.type, qx, *self._unpack_raw(raw, len(some)))
+        return y
+
+    def _unpack_raw(self, raw, R):
         """(columns, d of every block (block-major, a row per element), m likewise or None)
-        for rows first..first+R-1. A Q4_1 block is d and m (FP16) and 16 bytes whose low
+        for the R rows in raw. A Q4_1 block is d and m (FP16) and 16 bytes whose low
         nibbles are weights 0..15 and high nibbles 16..31; a Q8_0 block is d (FP16) and 32
         int8 weights."""
         t = self.tensor
         q4_1, n, width = t.type == GGML_Q4_1, t.n_cols, _GGML_LANE_BYTES[t.type]
         rb, bb, nb = row_bytes(t.type, n), 20 if t.type == GGML_Q4_1 else 34, n // 32
-        raw = bytes(t.data[first * rb:(first + R) * rb])
         span = width * R
         buf = bytearray(span * n)  # column c is buf[c * span:(c + 1) * span]
         for b in range(nb):
@@ -1670,7 +1723,7 @@ class GgmlRows:
         nb + 4 roundings deep, here doubled. Rows whose E + B falls short of some
         row's E - B cannot be the largest."""
         chunks = []  # (first row, every row's E, the chunk's B)
-        bound_per_term = (len(qx.d) + 5) * 2.0 ** -23
+        bound_per_term = ggml_error_per_term(len(qx.d))
         for i, first in enumerate(range(self.start, self.end, GGML_ROWS) if qx.finite else ()):
             cols, dw, mw = (self.chunks[i] if self.chunks is not None
                             else self._unpack(first, min(GGML_ROWS, self.end - first)))
@@ -1684,12 +1737,17 @@ class GgmlRows:
         floor = max(max(estimate) - bound for _, estimate, bound in chunks)
         candidates = [first + r for first, estimate, bound in chunks
                       for r, e in enumerate(estimate) if e + bound >= floor]
-        best, best_value = None, None
-        for row in candidates:  # ascending: the first of equal values wins
-            value = ggml_dots(self.tensor.type, qx, *self._unpack(row, 1))[0]
-            if best is None or value > best_value:
-                best, best_value = row, value
-        return best, best_value
+        values = self.rows(qx, candidates)
+        best = max(range(len(values)), key=values.__getitem__)  # the first of equal ones
+        return candidates[best], values[best]
+
+
+def ggml_error_per_term(nb):
+    """How far ggml's float32 result of a Q4_1 or Q8_0 row product with nb blocks can lie
+    from the exact product of its 8-bit x, per unit of the sum of |every term| (the
+    products d * lane and m * s): at most nb + 4 roundings of 2**-24 deep (nb FMAs, hsum8's
+    three levels, the final add), by the textbook bound, here doubled."""
+    return (nb + 5) * 2.0 ** -23
 
 
 def ggml_estimates(type_id, qx, cols, dw, mw):
@@ -1767,6 +1825,244 @@ def _lane_doubles(joined, width):
     if sys.byteorder == "big":
         lanes.byteswap()
     return lanes
+
+
+# --- SwiGLU's output for ffn_down, without most of gate's and up's float32 chains
+#
+# ffn_down sees SwiGLU's output h only through Q8X(h): per block of 32, d = amax/127 and
+# q = round(h * 127/amax). The exact float32 bits of h matter only for each block's
+# largest |h|, which sets d, and for the values whose q lies near a rounding edge. So
+# gated_q8 bounds every row of gate and up cheaply (GgmlBoundRows: an estimate within a
+# proven distance of ggml's float32 result, ~8x cheaper than that result), derives an
+# interval for every h, and runs ggml's float32 chains only for the rows that the
+# intervals leave open: the candidates for each block's amax, then the values whose
+# interval straddles a rounding edge of q (together about 5% of the rows on SmolLM2).
+# The result is Q8X(swiglu_ggml(gate.x, up.x)), bit for bit.
+
+_BOUND_BITS = 24  # significant bits of GgmlBoundRows' integer weights and activations
+# swiglu_ggml's float32 result against the exact g * sigmoid(g) * u, relative: expf_ggml
+# is within 2 ulp (ggml: 1.45 + 0.5), then 1 + e, g / (1 + e) and * u round once each, in
+# all at most 7 * 2**-24 (checked by test_ggml on a million arguments); twice that here.
+SWIGLU_ERROR = 2.0 ** -20
+
+
+def _little_endian_int(values):
+    """The int whose 8-byte little-endian lanes hold values (an array('Q'))."""
+    if sys.byteorder == "big":
+        values.byteswap()
+    return int.from_bytes(values.tobytes(), "little")
+
+
+def _lanes_of(value, R):
+    """The R 8-byte lanes of value, as an array('Q')."""
+    lanes = array.array("Q", value.to_bytes(8 * R, "little"))
+    if sys.byteorder == "big":
+        lanes.byteswap()
+    return lanes
+
+
+class BoundX:
+    """A Q8X's exact values, x_c = q_c * d_b and s_b, as integers over a common power of
+    two: X_c = round(x_c * 2**shift), Y_b = round(s_b * 2**shift), below 2**24 (exact
+    unless a block's d is 2**7 below the largest; the slops say how far they may lie),
+    each split by sign into two lists of non-negative multipliers (GgmlBoundRows'
+    products then never borrow)."""
+
+    def __init__(self, qx):
+        x = list(map(operator.mul, qx.q, _per_weight(qx.d, 32)))
+        top = max(max(map(abs, x)), max(map(abs, qx.s)))
+        self.shift = _BOUND_BITS - math.frexp(top)[1] if top else 0
+        X, self.x_slop = _scaled_integers(x, self.shift)
+        Y, self.y_slop = _scaled_integers(qx.s, self.shift)
+        self.n, self.nb = len(X), len(Y)
+        self.x_abs_sum, self.y_abs_sum = sum(map(abs, X)), sum(map(abs, Y))
+        self.x_signs, self.x_parts = self._split(X)
+        self.y_signs, self.y_parts = self._split(Y)
+
+    @staticmethod
+    def _split(values):
+        """([v > 0], [v < 0]) masks and ([v > 0], [-v < 0]) values."""
+        return (([v > 0 for v in values], [v < 0 for v in values]),
+                ([v for v in values if v > 0], [-v for v in values if v < 0]))
+
+
+def _scaled_integers(values, shift):
+    """(round(v * 2**shift) for every v, the largest distance of one from v * 2**shift)."""
+    scaled = [math.ldexp(v, shift) for v in values]
+    rounded = list(map(round, scaled))
+    return rounded, max(map(abs, map(operator.sub, rounded, scaled)), default=0.0)
+
+
+class GgmlBoundRows:
+    """Rows start..end-1 of a Q4_1 matrix packed to bound ggml's products cheaply: per row
+    an estimate E and a bound B with |ggml's float32 result - E| <= B (bounds), ~8x
+    cheaper than the result itself, which `exact` computes for chosen rows from the map.
+
+    A row's weights d*u (d >= 0 FP16, u 0..15) and minimums m become integers over a
+    power-of-two scale 2**-S chosen per row: A = round(d * 2**S) * u and M = round(m * 2**S),
+    at most 24 bits (exact unless a block's d or m is 2**10 below the row's largest).
+    Column c is one int with an 8-byte lane per row holding A; each block adds two
+    columns, the positive and the negative part of M. All lanes are non-negative, and a
+    product with non-negative multipliers sums below 2**58 in each."""
+
+    def __init__(self, tensor, start, end):
+        self.tensor, self.start, self.end = tensor, start, end
+        self.exact = GgmlRows(tensor, start, end, packed=False).rows
+        self.chunks = [self._pack(first, min(GGML_ROWS, end - first))
+                       for first in range(start, end, GGML_ROWS)]
+        if not all(self.chunks):
+            self.chunks = None  # a negative, infinite or nan d or m: every row is exact
+
+    @staticmethod
+    def packed_bytes(tensor):
+        """The RAM a GgmlBoundRows takes for all of tensor's rows: 8 bytes a weight and a
+        minimum's two parts, an int's header for each column, four numbers per row."""
+        columns = tensor.n_cols + tensor.n_cols // 16
+        return (8 * tensor.n_rows * columns + 36 * columns * -(-tensor.n_rows // GGML_ROWS)
+                + 160 * tensor.n_rows)
+
+    def _pack(self, first, R):
+        """(columns, M+ columns, M- columns, and per row: S, the sums of its A and |M|, and
+        how far A and M may lie from d * u * 2**S and m * 2**S), or None."""
+        t = self.tensor
+        n, nb = t.n_cols, t.n_cols // 32
+        rb = row_bytes(t.type, n)
+        block = struct.Struct("<" + "ee16s" * nb)
+        weights, minimums = array.array("Q"), array.array("Q")
+        shifts, a_sums, m_sums, a_slops, m_slops = [], [], [], [], []
+        for r in range(first, first + R):
+            fields = block.unpack_from(t.data, r * rb)
+            ds, ms = fields[0::3], fields[1::3]
+            if not all(map(math.isfinite, ds + ms)) or min(ds) < 0:
+                return None
+            top = max(15 * max(ds), max(map(abs, ms)))
+            shift = _BOUND_BITS - math.frexp(top)[1] if top else 0
+            D, d_slop = _scaled_integers(ds, shift)
+            M, m_slop = _scaled_integers(ms, shift)
+            start = len(weights)
+            for scale, nibbles in zip(D, fields[2::3]):
+                table = [u * scale for u in range(16)]
+                weights.extend(map(table.__getitem__, nibbles.translate(_LO)))
+                weights.extend(map(table.__getitem__, nibbles.translate(_HI)))
+            for m in M:
+                minimums.extend((max(m, 0), max(-m, 0)))
+            shifts.append(shift)
+            a_sums.append(sum(weights[start:]))
+            m_sums.append(sum(map(abs, M)))
+            a_slops.append(15 * d_slop)
+            m_slops.append(m_slop)
+        cols = [_little_endian_int(weights[c::n]) for c in range(n)]
+        m_plus = [_little_endian_int(minimums[2 * b::2 * nb]) for b in range(nb)]
+        m_minus = [_little_endian_int(minimums[2 * b + 1::2 * nb]) for b in range(nb)]
+        return cols, m_plus, m_minus, shifts, a_sums, m_sums, a_slops, m_slops
+
+    def bounds(self, bx):
+        """(E, B) of every row, for BoundX bx, or None when the rows are not packed. With
+        P and N the sums of the positive and negative products (the lanes), E = P - N over
+        the scale; the sum of every |term| of ggml's product is at most P + N plus the
+        integers' rounding (slop), so B = ggml_error_per_term * (P + N + slop) + slop.
+        A product A*X of integers within a and x of the exact scaled values is within
+        x*A + a*|X| + 3*a*x of theirs."""
+        if self.chunks is None:
+            return None
+        per_term, mul = ggml_error_per_term(bx.nb), operator.mul
+        (x_pos, x_neg), (xp, xn) = bx.x_signs, bx.x_parts
+        (y_pos, y_neg), (yp, yn) = bx.y_signs, bx.y_parts
+        x, y = bx.x_slop, bx.y_slop
+        a_factor, m_factor = bx.x_abs_sum + 3 * bx.n * x, bx.y_abs_sum + 3 * bx.nb * y
+        estimates, bounds = [], []
+        for cols, m_plus, m_minus, shifts, a_sums, m_sums, a_slops, m_slops in self.chunks:
+            positive = (sum(map(mul, xp, compress(cols, x_pos)))
+                        + sum(map(mul, yp, compress(m_plus, y_pos)))
+                        + sum(map(mul, yn, compress(m_minus, y_neg))))
+            negative = (sum(map(mul, xn, compress(cols, x_neg)))
+                        + sum(map(mul, yp, compress(m_minus, y_pos)))
+                        + sum(map(mul, yn, compress(m_plus, y_neg))))
+            R = len(shifts)
+            scales = [math.ldexp(1.0, -(shift + bx.shift)) for shift in shifts]
+            slops = [scale * (x * a_sum + a_slop * a_factor + y * m_sum + m_slop * m_factor)
+                     for scale, a_sum, m_sum, a_slop, m_slop
+                     in zip(scales, a_sums, m_sums, a_slops, m_slops)]
+            P, N = _lanes_of(positive, R), _lanes_of(negative, R)
+            chunk_estimates = [(p - q) * scale for p, q, scale in zip(P, N, scales)]
+            estimates += chunk_estimates
+            # (1 + 2**-20) and 2**-50 |E|: the float roundings of these very lines
+            bounds += [(per_term * ((p + q) * scale + slop) + slop + abs(e) * 2.0 ** -50)
+                       * (1.0 + 2.0 ** -20)
+                       for p, q, scale, slop, e in zip(P, N, scales, slops, chunk_estimates)]
+        return estimates, bounds
+
+
+def _swiglu_intervals(gate_bounds, up_bounds):
+    """(lo, hi) for every swiglu_ggml(g, u) with g and u within their bounds: the exact
+    g * sigmoid(g) * u moves at most 1.1 * |u| per unit of g (|d/dg g*sigmoid(g)| < 1.0999)
+    and |g * sigmoid(g)| per unit of u; then SWIGLU_ERROR for the float32 roundings, and
+    2**-120 for subnormal ones. Arguments that could overflow expf get (-inf, inf)."""
+    lo, hi = [], []
+    for g, dg, u, du in zip(*gate_bounds, *up_bounds):
+        if abs(g) + dg < 64.0 and abs(u) + du < 2.0 ** 64:  # also False for inf or nan
+            s = g / (1.0 + math.exp(-g))
+            h, ds = s * u, 1.1 * dg
+            dh = abs(u) * ds + abs(s) * du + ds * du
+            dh += (SWIGLU_ERROR + 2.0 ** -48) * (abs(h) + dh) + 2.0 ** -120
+            lo.append(h - dh)
+            hi.append(h + dh)
+        else:
+            lo.append(-math.inf)
+            hi.append(math.inf)
+    return lo, hi
+
+
+def gated_q8(gate, up, qx):
+    """(q, d): the 8-bit values and float32 block scales of Q8X(swiglu_ggml(gate.x, up.x))
+    (q8_blocks) for the rows of gate and up (GgmlBoundRows over the same whole blocks of 32
+    rows), computing ggml's float32 chains of only the rows that the bounds leave open."""
+    n = gate.end - gate.start
+    if not qx.finite:
+        return _not_finite_blocks(n)
+    bx = BoundX(qx)
+    gate_bounds, up_bounds = gate.bounds(bx), up.bounds(bx)
+    h = {}  # swiglu_ggml's float32 value of every row computed, by offset
+
+    def compute(offsets):
+        rows = [gate.start + i for i in offsets]
+        h.update(zip(offsets, swiglu_ggml(gate.exact(qx, rows), up.exact(qx, rows))))
+
+    if gate_bounds is None or up_bounds is None:
+        compute(range(n))
+        return q8_blocks([h[i] for i in range(n)]) or _not_finite_blocks(n)
+    lo, hi = _swiglu_intervals(gate_bounds, up_bounds)
+    # the candidates for each block's largest |h|: those that can reach every other's least
+    least = [0.0 if a <= 0.0 <= b else min(abs(a), abs(b)) for a, b in zip(lo, hi)]
+    most = [max(abs(a), abs(b)) for a, b in zip(lo, hi)]
+    candidates = []
+    for b in range(0, n, 32):
+        floor = max(least[b:b + 32])
+        candidates += [i for i in range(b, b + 32) if most[i] >= floor]
+    compute(candidates)
+    if not all(map(math.isfinite, h.values())):
+        return _not_finite_blocks(n)
+    amax = [0.0] * (n // 32)
+    for i in candidates:
+        amax[i // 32] = max(amax[i // 32], abs(h[i]))
+    d, inverse = q8_scales(amax)
+    # q = round(float32(h * inverse)) rises with h: the two ends of h's interval give the
+    # same q unless the interval straddles a rounding edge
+    for i in candidates:
+        lo[i] = hi[i] = 0.0
+    per_weight = list(_per_weight(inverse, 32))
+    q_lo = list(map(round, _f32(map(operator.mul, lo, per_weight))))
+    q_hi = list(map(round, _f32(map(operator.mul, hi, per_weight))))
+    compute([i for i in range(n) if q_lo[i] != q_hi[i]])
+    for i, value in h.items():
+        q_lo[i] = round(_to_f32(value * per_weight[i]))
+    return q_lo, d
+
+
+def _not_finite_blocks(n):
+    """(q, d) standing for n values holding inf or nan: Q8X.from_blocks makes them a Q8X
+    that is not finite (its products are nan)."""
+    return [0] * n, [math.nan] * (n // 32)
 
 
 def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, heads=None):
@@ -4098,16 +4394,19 @@ def swiglu_of(ggml):
 class LocalMatmul:
     """Every row computed, and every head attended, in this process."""
 
-    def __init__(self, groups, packed, ggml=False):
-        self.kernels = [row_kernels(group, 0, 1, packed, ggml) for group in groups]
+    def __init__(self, groups, packed, ggml=False, gated=()):
+        self.kernels = [row_kernels(group, 0, 1, packed, ggml, i in gated)
+                        for i, group in enumerate(groups)]
         self.swiglu = swiglu_of(ggml)
 
     def __call__(self, group_id, x):
         return multiply_group(self.kernels[group_id], x)
 
     def gated(self, group_id, x):
-        """swiglu(gate.x, up.x) for a (gate, up) group."""
-        return self.swiglu(*multiply_group(self.kernels[group_id], x))
+        """swiglu(gate.x, up.x) for a (gate, up) group: the values, or the Q8X that
+        ffn_down makes of them when the group is only bounded (gated_q8)."""
+        result = gated_group(self.kernels[group_id], x, self.swiglu)
+        return Q8X.from_blocks(*result) if isinstance(result, tuple) else result
 
     def argmax(self, group_id, x):
         """The row of group_argmax."""
@@ -4131,7 +4430,9 @@ class ParallelMatmul:
         header (3 x i64) | x (f64 x max_in) | y (f64 x max_out) | KV cache (optional)
 
     and a one-byte write on a pipe says "go" or "done". "Go" is b"!" to multiply the
-    matrices of group `header[0]`, b"g" for swiglu of a (gate, up) group's products, b"?" for
+    matrices of group `header[0]` (b"8": x is a Q8X's q then d, see gated_q8), b"g" for
+    swiglu of a (gate, up) group's products (only bounded: the 8-bit values as y's first
+    rows, then the blocks' scales, see gated_q8), b"?" for
     the argmax of a one-matrix group (worker i writes its best row and that row's value as
     y[2i], y[2i + 1]), or b"a" to attend (x is the query, the header layer, positions and
     whether the token is one of a batch) over the KV cache, which then lives in the block
@@ -4143,13 +4444,15 @@ class ParallelMatmul:
 
     HEADER = struct.Struct("<3q")
 
-    def __init__(self, path, group_names, groups, n_procs, packed, ggml=False, kv_layout=None):
+    def __init__(self, path, group_names, groups, n_procs, packed, ggml=False, kv_layout=None,
+                 gated=()):
         self.groups = groups
         self.n_procs = n_procs
         self.swiglu = swiglu_of(ggml)
         self.workers, self.go_fds, self.done_fds = [], [], []
-        # x and y also hold attention's query and output: attn_output's input, attn_q's rows
-        max_in = max(group[0].n_cols for group in groups)
+        # x and y also hold attention's query and output: attn_output's input, attn_q's rows;
+        # x a Q8X's 8-bit values and scales
+        max_in = max(group[0].n_cols * 33 // 32 for group in groups)
         max_out = max(sum(t.n_rows for t in group) for group in groups)
         kv_bytes = 0 if kv_layout is None else KVCache.bytes_needed(*kv_layout[:3])
         from multiprocessing import shared_memory  # here: 0.8 MB of modules -j 1 never needs
@@ -4164,9 +4467,10 @@ class ParallelMatmul:
                 self.kv = KVCache(*kv_layout[:3], buf=self.shm.buf[kv_at:])
             for share in range(1, n_procs):
                 self.start_worker(path, group_names, share, max_in, max_out, packed, ggml,
-                                  kv_layout)
+                                  kv_layout, gated)
             # our own share is packed while the workers pack theirs
-            self.kernels = [row_kernels(group, 0, n_procs, packed, ggml) for group in groups]
+            self.kernels = [row_kernels(group, 0, n_procs, packed, ggml, i in gated)
+                            for i, group in enumerate(groups)]
             self.wait_for_workers()
         except BaseException:
             self.close()
@@ -4174,11 +4478,12 @@ class ParallelMatmul:
         finally:
             self.shm.unlink()
 
-    def start_worker(self, path, group_names, share, max_in, max_out, packed, ggml, kv_layout):
+    def start_worker(self, path, group_names, share, max_in, max_out, packed, ggml, kv_layout,
+                     gated):
         go_read, go_write = os.pipe()
         done_read, done_write = os.pipe()
         spec = (path, group_names, share, self.n_procs, self.shm.name, max_in, max_out,
-                go_read, done_write, packed, ggml, kv_layout)
+                go_read, done_write, packed, ggml, kv_layout, tuple(gated))
         code = this_file_as_module("m.matmul_worker(*%r)" % (spec,))
         try:
             worker = subprocess.Popen([sys.executable, "-c", code], pass_fds=(go_read, done_write),
@@ -4225,7 +4530,10 @@ class ParallelMatmul:
 
     def __call__(self, group_id, x):
         group = self.groups[group_id]
-        self._start(b"!", x, group_id, 0, 0)
+        if isinstance(x, Q8X):  # SwiGLU's output, made 8-bit by gated_q8
+            self._start(b"8", list(chain(*x.blocks)), group_id, 0, 0)
+        else:
+            self._start(b"!", x, group_id, 0, 0)
         mine = multiply_group(self.kernels[group_id], x)
         self.wait_for_workers()
         outputs, base = [], 0
@@ -4235,11 +4543,17 @@ class ParallelMatmul:
         return outputs
 
     def gated(self, group_id, x):
-        """As LocalMatmul.gated; each process applies swiglu to its own rows."""
+        """As LocalMatmul.gated; each process applies swiglu to its own rows (or makes
+        their 8-bit form)."""
         self._start(b"g", x, group_id, 0, 0)
-        mine = self.swiglu(*multiply_group(self.kernels[group_id], x))
+        mine = gated_group(self.kernels[group_id], x, self.swiglu)
         self.wait_for_workers()
-        return self._gather(mine, (0, self.groups[group_id][0].n_rows))
+        n = self.groups[group_id][0].n_rows
+        if not isinstance(mine, tuple):
+            return self._gather(mine, (0, n))
+        q, d = mine
+        return Q8X.from_blocks(q + list(map(int, self.y_view[len(q):n])),
+                               list(d) + self.y_view[n + len(d):n + n // 32].tolist())
 
     def attend(self, attention, q, layer, n_pos, batched):
         """As LocalMatmul.attend, each process attending with its share of the query heads
@@ -4306,7 +4620,7 @@ def attach_shared_memory(name):
 
 
 def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, go_fd,
-                  done_fd, packed, ggml, kv_layout):
+                  done_fd, packed, ggml, kv_layout, gated):
     """A worker process: multiplies its share of every matrix's rows, and attends with its
     share of the query heads, on request (see ParallelMatmul)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -4314,7 +4628,8 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, 
         model_file = GGUFFile(path)
         model_file.metadata.clear()  # only tensors are multiplied here: the vocabulary goes
         groups = [[model_file.tensors[name] for name in names] for names in group_names]
-        kernels = [row_kernels(group, share, n_procs, packed, ggml) for group in groups]
+        kernels = [row_kernels(group, share, n_procs, packed, ggml, i in gated)
+                   for i, group in enumerate(groups)]
         shm = attach_shared_memory(shm_name)
     except BaseException:
         os.write(done_fd, b"-")
@@ -4343,13 +4658,22 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, 
                 y_view[heads.start * attention.head_dim:heads.stop * attention.head_dim] = (
                     array.array("d", rows))
             elif group_id >= 0:  # a negative id is a ping
-                x = x_view[:groups[group_id][0].n_cols].tolist()
+                n = groups[group_id][0].n_cols
+                if op == b"8":
+                    x = Q8X.from_blocks(list(map(int, x_view[:n])),
+                                        x_view[n:n + n // 32].tolist())
+                else:
+                    x = x_view[:n].tolist()
                 mine = kernels[group_id]
                 if op == b"?":
                     y_view[2 * share - 2:2 * share] = array.array("d", group_argmax(mine, x))
                 elif op == b"g":
-                    rows = swiglu(*multiply_group(mine, x))
-                    y_view[mine[0].start:mine[0].end] = array.array("d", rows)
+                    rows, start, end = gated_group(mine, x, swiglu), mine[0].start, mine[0].end
+                    if isinstance(rows, tuple):  # (q, d): q as the rows, d after all rows
+                        rows, d = rows
+                        n_rows = mine[0].tensor.n_rows
+                        y_view[n_rows + start // 32:n_rows + end // 32] = array.array("d", d)
+                    y_view[start:end] = array.array("d", rows)
                 else:
                     base = 0
                     for kernel, rows in zip(mine, multiply_group(mine, x)):
@@ -4533,9 +4857,12 @@ class Model:
             "es" if self.threads > 1 else "")
         self.output_group = len(group_names) - 1
         groups = [[tensors[name] for name in names] for names in group_names]
+        gated = range(2, len(groups) - 1, len(LAYER_GROUPS))  # the (ffn_gate, ffn_up) groups
         if self.ggml:  # attention is ggml's too: no packed KV cache
-            packed, self.weights = choose_packing(pack, [t for g in groups for t in g],
-                                                  size=GgmlRows.packed_bytes)
+            bounded = {t.name for i in gated if boundable(groups[i]) for t in groups[i]}
+            packed, self.weights = choose_packing(
+                pack, [t for g in groups for t in g],
+                size=lambda t: (GgmlBoundRows if t.name in bounded else GgmlRows).packed_bytes(t))
         else:
             packed, self.weights = choose_packing(
                 pack, [t for g in groups for t in g],
@@ -4552,12 +4879,12 @@ class Model:
                          if self.packed_attention is None and shared_memory_room(self.kv.nbytes)
                          else None)
             self.matmul = ParallelMatmul(self.path, group_names, groups, self.threads, packed,
-                                         self.ggml, kv_layout)
+                                         self.ggml, kv_layout, gated)
             if self.matmul.kv is not None:
                 self.kv.close()
                 self.kv = self.matmul.kv
         else:
-            self.matmul = LocalMatmul(groups, packed, self.ggml)
+            self.matmul = LocalMatmul(groups, packed, self.ggml, gated)
         self.attention = Attention(self.kv, cfg.n_head, cfg.n_head_kv, cfg.head_dim, self.ggml)
         if packed:
             self.weights += "; packed in %.1f s" % (time.perf_counter() - start)

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import shutil
+import struct
 import sys
 import unittest
 from types import SimpleNamespace
@@ -222,6 +223,126 @@ class TestTinyModels(unittest.TestCase):
             self.assertFalse(model.ggml)
             self.assertIsInstance(model.rope, picolm.RopeTable)
             self.assertNotIsInstance(model.rope, picolm.RopeGgml)
+
+
+class TestGatedQ8(unittest.TestCase):
+    """gated_q8, SwiGLU's output for ffn_down computed from bounds on gate and up and few
+    of their float32 chains, against Q8X(swiglu_ggml(gate.x, up.x)) computed in full."""
+
+    N_COLS, N_ROWS = 96, picolm.GGML_ROWS + 64  # two chunks of rows
+
+    @classmethod
+    def setUpClass(cls):
+        rng = random.Random(11)
+        q4_1 = gw.type_id("Q4_1")
+
+        def matrix(name):
+            data = gw.random_tensor(q4_1, cls.N_COLS * cls.N_ROWS, rng, scale=0.5)[0]
+            return SimpleNamespace(name=name, type=q4_1, n_cols=cls.N_COLS,
+                                   n_rows=cls.N_ROWS, data=memoryview(data))
+        cls.gate, cls.up = matrix("gate"), matrix("up")
+        n = cls.N_COLS
+        cls.xs = [[rng.gauss(0, 1) for _ in range(n)],
+                  [rng.gauss(0, 1e-3) * (400 if i % 41 == 3 else 1) for i in range(n)],
+                  [rng.gauss(0, 30) for _ in range(n)],  # gate products past expf's range
+                  [0.0] * 32 + [rng.gauss(0, 1) for _ in range(n - 32)],
+                  [0.0] * n]
+
+    def full(self, qx, gate, up):
+        """(q, d) of every row, every float32 chain computed."""
+        rows = [picolm.GgmlRows(t, 0, t.n_rows, packed=True) for t in (gate, up)]
+        blocks = picolm.q8_blocks(picolm.swiglu_ggml(*(r(qx) for r in rows)))
+        return blocks or picolm._not_finite_blocks(gate.n_rows)
+
+    def gated(self, qx, start, end, gate=None, up=None):
+        """gated_q8 over rows start..end-1, and how many rows each exact pass computed."""
+        passes = []
+        kernels = [picolm.GgmlBoundRows(t, start, end) for t in (gate or self.gate,
+                                                                  up or self.up)]
+
+        def counted(exact):
+            def count(qx, rows):
+                passes.append(len(rows))
+                return exact(qx, rows)
+            return count
+        for kernel in kernels:
+            kernel.exact = counted(kernel.exact)
+        return picolm.gated_q8(*kernels, qx), passes[0::2]
+
+    def test_equals_the_full_computation(self):
+        computed = []
+        for i, x in enumerate(self.xs):
+            qx = picolm.Q8X(picolm._f32(x))
+            want_q, want_d = self.full(qx, self.gate, self.up)
+            for start, end in ((0, self.N_ROWS), (0, 32 * 17), (32 * 17, self.N_ROWS)):
+                with self.subTest(x=i, rows=(start, end)):
+                    (q, d), passes = self.gated(qx, start, end)
+                    self.assertEqual(q, want_q[start:end])
+                    self.assertEqual(list(d), list(want_d[start // 32:end // 32]))
+                    computed.append(passes)
+        # the bounds left few rows open, and some after amax was known (rounding edges)
+        candidates, edges = zip(*computed)
+        self.assertLess(sum(candidates) + sum(edges), 0.2 * 3 * len(self.xs) * self.N_ROWS)
+        self.assertGreater(sum(edges), 0)
+
+    def test_not_finite_input(self):
+        x = [1.0] * self.N_COLS
+        x[40] = math.inf
+        qx = picolm.Q8X(picolm._f32(x))
+        self.assertFalse(qx.finite)
+        (q, d), passes = self.gated(qx, 0, 64)
+        self.assertFalse(picolm.Q8X.from_blocks(q, d).finite)
+        self.assertEqual(passes, [])
+
+    def test_rows_that_cannot_be_bounded(self):
+        """A block with a negative d (no Q4_1 quantizer makes one) leaves its chunk
+        unbounded: every row of it is computed, with the same result."""
+        data = bytearray(self.gate.data)
+        struct.pack_into("<e", data, 20 * 3, -0.01)  # row 0, block 0: 3 blocks a row
+        gate = SimpleNamespace(**dict(vars(self.gate), data=memoryview(bytes(data))))
+        qx = picolm.Q8X(picolm._f32(self.xs[0]))
+        (q, d), passes = self.gated(qx, 0, 64, gate=gate)
+        want_q, want_d = self.full(qx, gate, self.up)
+        self.assertEqual((q, list(d)), (want_q[:64], list(want_d[:2])))
+        self.assertEqual(passes, [64])
+
+    def test_bounds_hold(self):
+        """|ggml's float32 product - E| <= B for every row, and B is not vacuous."""
+        for i, x in enumerate(self.xs[:4]):
+            qx = picolm.Q8X(picolm._f32(x))
+            for tensor in (self.gate, self.up):
+                with self.subTest(x=i, matrix=tensor.name):
+                    exact = picolm.GgmlRows(tensor, 0, tensor.n_rows, packed=True)(qx)
+                    rows = picolm.GgmlBoundRows(tensor, 0, tensor.n_rows)
+                    estimates, bounds = rows.bounds(picolm.BoundX(qx))
+                    for value, e, b in zip(exact, estimates, bounds):
+                        self.assertLessEqual(abs(value - e), b)
+                    self.assertLess(max(bounds), 1e-3 * max(map(abs, exact)))
+
+    def test_swiglu_error(self):
+        """swiglu_ggml is within SWIGLU_ERROR / 2 of g * sigmoid(g) * u, relative, over
+        arguments up to gated_q8's limit of 64 (200,000 of them)."""
+        rng = random.Random(3)
+        n = 200000
+        g = picolm._f32([rng.uniform(-64, 64) if i % 2 else rng.gauss(0, 3) for i in range(n)])
+        u = picolm._f32([rng.gauss(0, 2) for _ in range(n)])
+        worst = 0.0
+        for a, b, h in zip(g, u, picolm.swiglu_ggml(g, u)):
+            exact = a / (1.0 + math.exp(-a)) * b
+            if abs(exact) > 2.0 ** -100:
+                worst = max(worst, abs(h - exact) / abs(exact))
+        self.assertLess(worst, picolm.SWIGLU_ERROR / 2)
+
+    def test_memory_estimate(self):
+        """GgmlBoundRows.packed_bytes, which --pack auto relies on, covers what the rows
+        take."""
+        rows = picolm.GgmlBoundRows(self.gate, 0, self.N_ROWS)
+        taken = sum(sum(map(sys.getsizeof, chunk[0] + chunk[1] + chunk[2]))
+                    + sum(sum(map(sys.getsizeof, per_row)) for per_row in chunk[3:])
+                    for chunk in rows.chunks)
+        estimate = picolm.GgmlBoundRows.packed_bytes(self.gate)
+        self.assertGreaterEqual(estimate, taken)
+        self.assertLess(estimate, 1.25 * taken)
 
 
 def load_glibc_libm():
