@@ -1658,15 +1658,15 @@ class GgmlRows:
         rb = row_bytes(self.tensor.type, self.tensor.n_cols)
         return self._unpack_raw(bytes(self.tensor.data[first * rb:(first + R) * rb]), R)
 
-    def rows(self, qx, rows):
-        """The products of the given rows (any of the matrix's) with qx, read from the
-        map: a few rows of a matrix otherwise only bounded (gated_q8)."""
-        t = self.tensor
-        rb, y = row_bytes(t.type, t.n_cols), []
-        for i in range(0, len(rows), GGML_ROWS):
-            some = rows[i:i + GGML_ROWS]
-            raw = b"".join(t.data[r * rb:(r + 1) * rb] for r in some)
-            y += ggml_dots(t.type, qx, *self._unpack_raw(raw, len(some)))
+    def rows(self, qx, picks):
+        """The products with qx of the picked rows, (tensor, row) pairs of this matrix or
+        others of its type and width, read from the map in one pass: the argmax's
+        candidates, or a few rows of matrices otherwise only bounded (gated_q8)."""
+        rb, y = row_bytes(self.tensor.type, self.tensor.n_cols), []
+        for i in range(0, len(picks), GGML_ROWS):
+            some = picks[i:i + GGML_ROWS]
+            raw = b"".join(t.data[r * rb:(r + 1) * rb] for t, r in some)
+            y += ggml_dots(self.tensor.type, qx, *self._unpack_raw(raw, len(some)))
         return y
 
     def _unpack_raw(self, raw, R):
@@ -1737,7 +1737,7 @@ class GgmlRows:
         floor = max(max(estimate) - bound for _, estimate, bound in chunks)
         candidates = [first + r for first, estimate, bound in chunks
                       for r, e in enumerate(estimate) if e + bound >= floor]
-        values = self.rows(qx, candidates)
+        values = self.rows(qx, [(self.tensor, row) for row in candidates])
         best = max(range(len(values)), key=values.__getitem__)  # the first of equal ones
         return candidates[best], values[best]
 
@@ -1907,7 +1907,7 @@ class GgmlBoundRows:
 
     def __init__(self, tensor, start, end):
         self.tensor, self.start, self.end = tensor, start, end
-        self.exact = GgmlRows(tensor, start, end, packed=False).rows
+        self.exact = GgmlRows(tensor, start, end, packed=False).rows  # (qx, picks)
         self.chunks = [self._pack(first, min(GGML_ROWS, end - first))
                        for first in range(start, end, GGML_ROWS)]
         if not all(self.chunks):
@@ -2024,9 +2024,10 @@ def gated_q8(gate, up, qx):
     gate_bounds, up_bounds = gate.bounds(bx), up.bounds(bx)
     h = {}  # swiglu_ggml's float32 value of every row computed, by offset
 
-    def compute(offsets):
+    def compute(offsets):  # gate's and up's rows in one pass
         rows = [gate.start + i for i in offsets]
-        h.update(zip(offsets, swiglu_ggml(gate.exact(qx, rows), up.exact(qx, rows))))
+        values = gate.exact(qx, [(gate.tensor, r) for r in rows] + [(up.tensor, r) for r in rows])
+        h.update(zip(offsets, swiglu_ggml(values[:len(rows)], values[len(rows):])))
 
     if gate_bounds is None or up_bounds is None:
         compute(range(n))
