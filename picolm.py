@@ -1915,11 +1915,12 @@ class GgmlBoundRows:
 
     @staticmethod
     def packed_bytes(tensor):
-        """The RAM a GgmlBoundRows takes for all of tensor's rows: 8 bytes a weight and a
-        minimum's two parts, an int's header for each column, four numbers per row."""
+        """The RAM a GgmlBoundRows takes for all of tensor's rows: 8-byte lanes for every
+        weight and each block's M+ and M- (plus 32 bytes of malloc's header and rounding
+        for each int), and five numbers per row."""
         columns = tensor.n_cols + tensor.n_cols // 16
-        return (8 * tensor.n_rows * columns + 36 * columns * -(-tensor.n_rows // GGML_ROWS)
-                + 160 * tensor.n_rows)
+        return (column_bytes(tensor, 8, GGML_ROWS) * columns // tensor.n_cols
+                + 32 * columns * -(-tensor.n_rows // GGML_ROWS) + 200 * tensor.n_rows)
 
     def _pack(self, first, R):
         """(columns, M+ columns, M- columns, and per row: S, the sums of its A and |M|, and
