@@ -2110,8 +2110,8 @@ def _f16_dots(key_columns, qh, tiny):
     acc = [[0.0] * n_pos for _ in range(lanes)]
     for i in range(0, whole, lanes):
         for j in range(lanes):
-            acc[j] = _f32(map(operator.add, acc[j],
-                              map(operator.mul, key_columns[i + j], repeat(qh[i + j]))))
+            qv = qh[i + j]
+            acc[j] = _f32([a + k * qv for a, k in zip(acc[j], key_columns[i + j])])
     if tiny:
         return hsum8(acc)
     dots = reduce_f16dot(acc) if whole else [0.0] * n_pos
@@ -2133,8 +2133,7 @@ def _weighted_values(value_rows, weights, hd, lanes):
     for p in range(0, len(weights), lanes):
         w = weights[p:p + lanes]
         w = chain.from_iterable(map(repeat, chain(w, repeat(0.0, lanes - len(w))), repeat(hd)))
-        acc = _f32(map(operator.add, acc,
-                       map(operator.mul, value_rows[p * hd:(p + lanes) * hd], w)))
+        acc = _f32([a + v * u for a, v, u in zip(acc, value_rows[p * hd:(p + lanes) * hd], w)])
     rows = [acc[j * hd:(j + 1) * hd] for j in range(lanes)]
     return (hsum8(rows) if lanes == 8 else reduce_f16dot(rows)).tolist()
 
@@ -4768,8 +4767,8 @@ LAYER_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "
 
 # How the pure path computes: "llama.cpp" repeats llama.cpp's float32 operations bit for
 # bit where picolm knows them (every matrix Q4_1 or Q8_0; other models are computed
-# exactly), so greedy text equals llama.cpp's and the accelerator's, at 0.1-0.23 tok/s on
-# SmolLM2; "exact" computes in float64, ~10x faster, and may pick another token where
+# exactly), so greedy text equals llama.cpp's and the accelerator's, at 0.2-0.5 tok/s on
+# SmolLM2; "exact" computes in float64, ~5x faster, and may pick another token where
 # llama.cpp's top two logits are close (it never uses the accelerator, which has only
 # llama.cpp's arithmetic).
 ARITHMETICS = ("llama.cpp", "exact")
@@ -5472,15 +5471,15 @@ def parse_args(argv):
                              "available (so does PICOLM_ACCEL=0)")
     parser.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
                         help="pure Python path: unpack the weights into RAM once (on: "
-                             "~6x faster with --arithmetic exact, ~1.3x with llama.cpp's, "
-                             "whose float32 steps dominate), stream them from the file "
+                             "~6x faster with --arithmetic exact, ~1.6-1.9x with "
+                             "llama.cpp's; 7x the file's size), stream them from the file "
                              "(off), or pack when that takes under half the available "
                              "memory (auto, the default)")
     parser.add_argument("--arithmetic", choices=ARITHMETICS, default="llama.cpp",
                         help="llama.cpp (the default): the pure path repeats llama.cpp's "
                              "float32 steps bit for bit (models whose matrices are all "
                              "Q4_1/Q8_0), so its text equals llama.cpp's and the "
-                             "accelerator's; exact: pure Python in float64, ~10x faster "
+                             "accelerator's; exact: pure Python in float64, ~5x faster "
                              "there, may differ where llama.cpp's top two tokens are close")
     parser.add_argument("--version", action="version", version="picolm " + __version__)
     args = parser.parse_args(argv)
