@@ -1225,8 +1225,9 @@ def row_kernels(tensors, share, n_shares, packed, ggml=False, gated=False):
 
 
 def boundable(tensors):
-    """Whether GgmlBoundRows can bound these matrices: Q4_1 (d >= 0, weights 0..15)."""
-    return all(t.type == GGML_Q4_1 for t in tensors)
+    """Whether GgmlBoundRows can bound these matrices: Q4_1 (d >= 0, weights 0..15), rows
+    short enough that a lane's sum of products of 24-bit integers stays below 2**64."""
+    return all(t.type == GGML_Q4_1 and t.n_cols <= 1 << 15 for t in tensors)
 
 
 def share_bounds(n_rows, share, n_shares):
@@ -1833,7 +1834,7 @@ def _lane_doubles(joined, width):
 # q = round(h * 127/amax). The exact float32 bits of h matter only for each block's
 # largest |h|, which sets d, and for the values whose q lies near a rounding edge. So
 # gated_q8 bounds every row of gate and up cheaply (GgmlBoundRows: an estimate within a
-# proven distance of ggml's float32 result, ~8x cheaper than that result), derives an
+# proven distance of ggml's float32 result, 6-7x cheaper than that result), derives an
 # interval for every h, and runs ggml's float32 chains only for the rows that the
 # intervals leave open: the candidates for each block's amax, then the values whose
 # interval straddles a rounding edge of q (together about 5% of the rows on SmolLM2).
@@ -1842,7 +1843,8 @@ def _lane_doubles(joined, width):
 _BOUND_BITS = 24  # significant bits of GgmlBoundRows' integer weights and activations
 # swiglu_ggml's float32 result against the exact g * sigmoid(g) * u, relative: expf_ggml
 # is within 2 ulp (ggml: 1.45 + 0.5), then 1 + e, g / (1 + e) and * u round once each, in
-# all at most 7 * 2**-24 (checked by test_ggml on a million arguments); twice that here.
+# all at most 7 * 2**-24 (test_ggml finds at most 4.9 * 2**-24 over 200,000 arguments and
+# holds it under half of this); 16 * 2**-24 here.
 SWIGLU_ERROR = 2.0 ** -20
 
 
@@ -1895,7 +1897,7 @@ def _scaled_integers(values, shift):
 
 class GgmlBoundRows:
     """Rows start..end-1 of a Q4_1 matrix packed to bound ggml's products cheaply: per row
-    an estimate E and a bound B with |ggml's float32 result - E| <= B (bounds), ~8x
+    an estimate E and a bound B with |ggml's float32 result - E| <= B (bounds), 6-7x
     cheaper than the result itself, which `exact` computes for chosen rows from the map.
 
     A row's weights d*u (d >= 0 FP16, u 0..15) and minimums m become integers over a
