@@ -286,6 +286,8 @@ class TestGatedQ8(unittest.TestCase):
 
     def test_not_finite_input(self):
         x = [1.0] * self.N_COLS
+        x[40] = math.nan  # not first in its block: max() would pass over it
+        self.assertFalse(picolm.Q8X(x).finite)
         x[40] = math.inf
         qx = picolm.Q8X(picolm._f32(x))
         self.assertFalse(qx.finite)
