@@ -31,7 +31,7 @@ import tempfile
 import time
 import unicodedata
 from collections import namedtuple
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from itertools import accumulate, chain, compress, repeat
 
 __version__ = "0.1.0"
@@ -2023,42 +2023,53 @@ def gated_q8(gate, up, qx):
     n = gate.end - gate.start
     if not qx.finite:
         return _not_finite_blocks(n)
-    bx = BoundX(qx)
-    gate_bounds, up_bounds = gate.bounds(bx), up.bounds(bx)
-    h = {}  # swiglu_ggml's float32 value of every row computed, by offset
 
-    def compute(offsets):  # gate's and up's rows in one pass
+    def exact(offsets):  # gate's and up's rows in one pass
         rows = [gate.start + i for i in offsets]
         values = gate.exact(qx, [(gate.tensor, r) for r in rows] + [(up.tensor, r) for r in rows])
-        h.update(zip(offsets, swiglu_ggml(values[:len(rows)], values[len(rows):])))
+        return swiglu_ggml(values[:len(rows)], values[len(rows):])
 
+    bx = BoundX(qx)
+    gate_bounds, up_bounds = gate.bounds(bx), up.bounds(bx)
     if gate_bounds is None or up_bounds is None:
-        compute(range(n))
-        return q8_blocks([h[i] for i in range(n)]) or _not_finite_blocks(n)
-    lo, hi = _swiglu_intervals(gate_bounds, up_bounds)
-    # the candidates for each block's largest |h|: those that can reach every other's least
+        return q8_blocks(exact(range(n))) or _not_finite_blocks(n)
+    return q8_from_intervals(*_swiglu_intervals(gate_bounds, up_bounds), exact) or (
+        _not_finite_blocks(n))
+
+
+def q8_from_intervals(lo, hi, exact):
+    """q8_blocks(x) for values x_i known to lie within [lo_i, hi_i], where exact(offsets)
+    computes the float32 x of the offsets given (a list, in their order): only each block's
+    candidates for its largest |x|, which sets d, and the values whose interval straddles
+    a rounding edge of q are computed. None if one of those is inf or nan."""
+    n = len(lo)
+    x = {}  # the values computed, by offset
+    # the candidates for each block's largest |x|: those that can reach every other's least
     least = [0.0 if a <= 0.0 <= b else min(abs(a), abs(b)) for a, b in zip(lo, hi)]
     most = [max(abs(a), abs(b)) for a, b in zip(lo, hi)]
     candidates = []
     for b in range(0, n, 32):
         floor = max(least[b:b + 32])
         candidates += [i for i in range(b, b + 32) if most[i] >= floor]
-    compute(candidates)
-    if not all(map(math.isfinite, h.values())):
-        return _not_finite_blocks(n)
+    x.update(zip(candidates, exact(candidates)))
+    if not all(map(math.isfinite, x.values())):
+        return None
     amax = [0.0] * (n // 32)
     for i in candidates:
-        amax[i // 32] = max(amax[i // 32], abs(h[i]))
+        amax[i // 32] = max(amax[i // 32], abs(x[i]))
     d, inverse = q8_scales(amax)
-    # q = round(float32(h * inverse)) rises with h: the two ends of h's interval give the
-    # same q unless the interval straddles a rounding edge
+    # q = round(float32(x * inverse)) rises with x: the two ends of x's interval give the
+    # same q unless the interval straddles a rounding edge (the candidates' intervals, known
+    # now, may be infinite: they are left out)
+    lo, hi = list(lo), list(hi)
     for i in candidates:
         lo[i] = hi[i] = 0.0
     per_weight = list(_per_weight(inverse, 32))
     q_lo = list(map(round, _f32(map(operator.mul, lo, per_weight))))
     q_hi = list(map(round, _f32(map(operator.mul, hi, per_weight))))
-    compute([i for i in range(n) if q_lo[i] != q_hi[i]])
-    for i, value in h.items():
+    straddling = [i for i in range(n) if q_lo[i] != q_hi[i]]
+    x.update(zip(straddling, exact(straddling)))
+    for i, value in x.items():
         q_lo[i] = round(_to_f32(value * per_weight[i]))
     return q_lo, d
 
@@ -2076,20 +2087,33 @@ def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, he
     the two products of a batch of tokens with tinyBLAS (8 lanes) and those of a single
     token with ggml_vec_dot_f16 (32 lanes): `batched` picks which (tinyBLAS needs head_dim a
     multiple of 8)."""
+    values = kv.rows(layer, 1, n_pos)
+    lanes = _attention_lanes(batched, head_dim)
+    out = []
+    for kv_head, h, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv,
+                                                  head_dim, batched, heads):
+        out += _head_output(values, kv.kv_dim, kv_head, head_dim, weights, lanes,
+                            range(head_dim))
+    return out
+
+
+def _attention_lanes(batched, head_dim):
+    """The lanes of attend_ggml's two products: tinyBLAS's 8 or ggml_vec_dot_f16's 32."""
+    return 8 if batched and head_dim % 8 == 0 else 32
+
+
+def _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, heads):
+    """(key/value head, query head, the FP16 softmax weights of the positions) for each
+    query head in `heads`, as attention_ggml computes them."""
     heads = range(n_head) if heads is None else heads
-    keys, values = kv.rows(layer, 0, n_pos), kv.rows(layer, 1, n_pos)
+    keys = kv.rows(layer, 0, n_pos)
     kv_dim, group, hd = kv.kv_dim, n_head // n_head_kv, head_dim
-    tiny = batched and hd % 8 == 0
-    lanes = 8 if tiny else 32
+    tiny = _attention_lanes(batched, hd) == 8
     scale = _to_f32(1.0 / _to_f32(math.sqrt(hd)))
     qh = halves(q)
-    padding = [0.0] * (-n_pos % lanes * hd)
-    out = []
     for kv_head, group_heads in _kv_heads(heads, group):
         off = kv_head * hd
         key_columns = [keys[off + i::kv_dim] for i in range(hd)]  # dimension i, by position
-        value_rows = list(chain.from_iterable(values[p * kv_dim + off:p * kv_dim + off + hd]
-                                              for p in range(n_pos))) + padding
         for h in group_heads:
             scores = _f32(map(operator.mul, _f16_dots(key_columns, qh[h * hd:(h + 1) * hd], tiny),
                               repeat(scale)))
@@ -2098,19 +2122,29 @@ def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, he
             total = 0.0
             for s in hsum8([padded[k::8] for k in range(8)]):
                 total += s  # in order, in a double
-            weights = halves(_f32(map(operator.mul, e, repeat(_to_f32(1.0 / total)))))
-            out += _weighted_values(value_rows, weights, hd, lanes)
-    return out
+            yield kv_head, h, halves(_f32(map(operator.mul, e, repeat(_to_f32(1.0 / total)))))
+
+
+def _head_output(values, kv_dim, kv_head, head_dim, weights, lanes, dims):
+    """Dimensions `dims` of a query head's output: the weighted sum of its key/value head's
+    value rows (values: the layer's, KVCache.rows), in lanes over the positions."""
+    if not dims:
+        return []
+    off, n_pos = kv_head * head_dim, len(weights)
+    rows = [values[p * kv_dim + off + i] for p in range(n_pos) for i in dims]
+    rows += [0.0] * (-n_pos % lanes * len(dims))  # whole groups of lanes positions
+    return _weighted_values(rows, weights, len(dims), lanes)
 
 
 def _f16_dots(key_columns, qh, tiny):
     """kq_tinyblas (tiny) or kq_ggml of every position's key with qh, lane by lane over the
-    positions; the product of two FP16 values is exact in float32."""
+    positions; the product of two FP16 values is exact in float32, so the lanes' first
+    FMAs (onto +0.0) need no rounding."""
     n, n_pos = len(qh), len(key_columns[0])
     lanes = 8 if tiny else 32
     whole = n if tiny else n & ~31
-    acc = [[0.0] * n_pos for _ in range(lanes)]
-    for i in range(0, whole, lanes):
+    acc = [[k * qh[j] + 0.0 for k in key_columns[j]] for j in range(min(lanes, whole))]
+    for i in range(lanes, whole, lanes):
         for j in range(lanes):
             qv = qh[i + j]
             acc[j] = _f32([a + k * qv for a, k in zip(acc[j], key_columns[i + j])])
@@ -2130,15 +2164,126 @@ def _weighted_values(value_rows, weights, hd, lanes):
     """v_accumulate and attend_ggml's reduction: position p adds w_p * V[p] (FMA, exact
     product) into accumulator p % lanes, then the accumulators are reduced by hsum8
     (8 lanes) or reduce_f16dot (32). value_rows is zero-padded to whole groups of lanes
-    (a zero weight adds an exact zero)."""
-    acc = [0.0] * (lanes * hd)
+    (a zero weight adds an exact zero); the first FMAs (onto +0.0) need no rounding."""
+    acc = None
     for p in range(0, len(weights), lanes):
         w = weights[p:p + lanes]
         w = chain.from_iterable(map(repeat, chain(w, repeat(0.0, lanes - len(w))), repeat(hd)))
-        acc = _f32([a + v * u for a, v, u in zip(acc, value_rows[p * hd:(p + lanes) * hd], w)])
+        products = zip(value_rows[p * hd:(p + lanes) * hd], w)
+        acc = ([v * u + 0.0 for v, u in products] if acc is None else
+               _f32([a + v * u for a, (v, u) in zip(acc, products)]))
     rows = [acc[j * hd:(j + 1) * hd] for j in range(lanes)]
     return (hsum8(rows) if lanes == 8 else reduce_f16dot(rows)).tolist()
 
+
+# --- Attention's output for attn_output, without most of V.w's float32 chains
+#
+# attn_output sees attention's output only through Q8X, as ffn_down sees SwiGLU's (see
+# gated_q8): with head_dim a multiple of 32 every block of 32 lies in one head, and
+# q8_from_intervals needs only an interval for each output value. V.w is a sum of exact
+# products of FP16 values, so its exact value comes from one big-int multiply-add per
+# position (PackedValues: a position's value row as one int of biased 80-bit lanes), and
+# float32's textbook error bound over the sum's depth gives the interval. The scores and
+# the FP16 weights are computed as attention_ggml computes them.
+
+# An FP16 value or weight times 2**24 is an integer. A lane holds V * 2**24 + 2**40, below
+# 2**41, and sums it times the weights * 2**24: softmax's weights add up to about 1 (under
+# 2 for any n_pos below 2**24), so a lane's sum stays below 2**66, well within 10 bytes.
+_VALUE_BIAS = 1 << 40  # above 65504 * 2**24: biased lanes are never negative
+_VALUE_LANE_BYTES = 10
+
+
+class PackedValues:
+    """Each key/value head's cached value rows as ints (lane i: V_i * 2**24 + 2**40, 10
+    bytes, or None for a row holding inf or nan), made as positions fill and kept between
+    tokens. Before each use the layer's value bytes are compared with those the rows were
+    made from, so a reset or a loaded cache never leaves a stale row."""
+
+    def __init__(self, n_layer, n_head_kv):
+        self.seen = [b""] * n_layer  # each layer's value bytes that the rows were made from
+        self.rows = [[[] for _ in range(n_head_kv)] for _ in range(n_layer)]
+
+    @staticmethod
+    def bytes_per_position(n_layer, n_head_kv, head_dim):
+        """RAM per cached position: an int per key/value head (with its header and list
+        slot) and the value bytes kept for the comparison."""
+        digits = -(-head_dim * _VALUE_LANE_BYTES * 8 // 30)  # an int's 30-bit digits
+        return n_layer * n_head_kv * (4 * digits + 2 * head_dim + 48)
+
+    def head_rows(self, kv, values, layer, kv_head, head_dim, n_pos):
+        """The rows of positions 0..n_pos-1 of one key/value head; values is the layer's
+        value rows as floats (KVCache.rows)."""
+        current = kv.value_bytes(layer, n_pos)
+        seen = self.seen[layer]
+        if current[:len(seen)] != seen[:len(current)]:
+            row = 2 * kv.kv_dim
+            same = 0
+            while current[same * row:(same + 1) * row] == seen[same * row:(same + 1) * row]:
+                same += 1
+            for rows in self.rows[layer]:
+                del rows[same:]
+            seen = seen[:same * row]
+        if len(current) > len(seen):
+            self.seen[layer] = current
+        rows = self.rows[layer][kv_head]
+        for start in range(len(rows) * kv.kv_dim, n_pos * kv.kv_dim, kv.kv_dim):
+            start += kv_head * head_dim
+            rows.append(_pack_value_row(values[start:start + head_dim]))
+        return rows[:n_pos]
+
+
+def _pack_value_row(row):
+    """One int whose 10-byte lanes hold the FP16 values of row times 2**24, biased by 2**40,
+    or None when row holds inf or nan."""
+    if not all(map(math.isfinite, row)):
+        return None
+    return int.from_bytes(b"".join(int(v * 16777216.0 + 1099511627776.0).to_bytes(
+        _VALUE_LANE_BYTES, "little") for v in row), "little")
+
+
+def attention_q8(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, packed_values,
+                 heads=None):
+    """q8_blocks(attention_ggml(...)) for the query heads in `heads` (head_dim a multiple of
+    32), computing V.w's float32 chains of only the dimensions that its bounds leave open."""
+    values = kv.rows(layer, 1, n_pos)
+    kv_dim, lanes, hd = kv.kv_dim, _attention_lanes(batched, head_dim), head_dim
+    q_out, d_out, rows, maxima = [], [], {}, {}
+    for kv_head, h, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv,
+                                                  head_dim, batched, heads):
+        exact = partial(_head_output, values, kv_dim, kv_head, hd, weights, lanes)
+        if kv_head not in rows:
+            off = kv_head * hd
+            rows[kv_head] = packed_values.head_rows(kv, values, layer, kv_head, hd, n_pos)
+            maxima[kv_head] = [max(map(abs, values[off + i::kv_dim])) for i in range(hd)]
+        if None in rows[kv_head] or not all(map(math.isfinite, weights)):
+            blocks = q8_blocks(exact(range(hd)))  # inf or nan: every dimension's chains
+        else:
+            blocks = q8_from_intervals(*value_sum_intervals(rows[kv_head], weights,
+                                                            maxima[kv_head], lanes), exact)
+        q_head, d_head = blocks or _not_finite_blocks(hd)
+        q_out += q_head
+        d_out += d_head
+    return q_out, d_out
+
+
+def value_sum_intervals(rows, weights, maxima, lanes):
+    """(lo, hi) around each dimension of V.w as _weighted_values computes it: the exact sum
+    from one big-int multiply-add per position (rows from PackedValues, the weights FP16,
+    finite and from a softmax), give or take float32's textbook error bound over the sum's
+    depth. maxima: each dimension's largest |V|, which bounds the sum of |w_p * V_p| by
+    maxima * sum(w)."""
+    hd, size = len(maxima), _VALUE_LANE_BYTES
+    # per unit of that sum: ceil(n_pos/lanes) FMAs and the reduction's levels (hsum8 3,
+    # reduce_f16dot 5), doubled; one more level for these lines' own roundings
+    per_term = (-(-len(weights) // lanes) + (3 if lanes == 8 else 5) + 1) * 2.0 ** -23
+    w = [int(u * 16777216.0) for u in weights]  # exact: FP16 weights are multiples of 2**-24
+    w_sum = sum(w)
+    lane_bytes = sum(map(operator.mul, w, rows)).to_bytes(size * hd, "little")
+    bias = w_sum * _VALUE_BIAS
+    sums = [(int.from_bytes(lane_bytes[i:i + size], "little") - bias) * 2.0 ** -48
+            for i in range(0, size * hd, size)]
+    reach = [per_term * w_sum * 2.0 ** -24 * m for m in maxima]
+    return list(map(operator.sub, sums, reach)), list(map(operator.add, sums, reach))
 
 
 # ---------------------------------------------------------------------------
@@ -4265,7 +4410,7 @@ class KVCache:
     if given, is the memory to use instead (a block shared with -j N workers)."""
 
     def __init__(self, n_layer, n_ctx, kv_dim, buf=None):
-        self.n_ctx, self.kv_dim = n_ctx, kv_dim
+        self.n_layer, self.n_ctx, self.kv_dim = n_layer, n_ctx, kv_dim
         self.layer_bytes = n_ctx * kv_dim * 2
         self.nbytes = self.bytes_needed(n_layer, n_ctx, kv_dim)
         flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
@@ -4293,6 +4438,11 @@ class KVCache:
         """The first n_pos rows of one layer's keys or values as one flat tuple of floats."""
         return struct.unpack_from("<%de" % (n_pos * self.kv_dim), self.buf,
                                   self.offset(layer, is_value, 0))
+
+    def value_bytes(self, layer, n_pos):
+        """The first n_pos value rows of one layer as bytes."""
+        start = self.offset(layer, 1, 0)
+        return bytes(self.buf[start:start + n_pos * self.kv_dim * 2])
 
     def close(self):
         if isinstance(self.buf, mmap.mmap):
@@ -4375,18 +4525,30 @@ def attention(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, heads=None):
 class Attention:
     """Attention of one query over a layer's cached positions in the model's arithmetic
     (attention_ggml, or attention for exact arithmetic), for a range of query heads: the
-    processes of a -j N model can each answer for their own heads."""
+    processes of a -j N model can each answer for their own heads. In llama.cpp's
+    arithmetic with packed weights and head_dim a multiple of 32, the answer is the 8-bit
+    form (q, d) that attn_output makes of it (attention_q8; as_vector makes it a Q8X)."""
 
-    def __init__(self, kv, n_head, n_head_kv, head_dim, ggml):
+    def __init__(self, kv, n_head, n_head_kv, head_dim, ggml, packed=False):
         self.kv, self.n_head, self.n_head_kv, self.head_dim = kv, n_head, n_head_kv, head_dim
         self.ggml = ggml
+        self.packed_values = (PackedValues(kv.n_layer, n_head_kv)
+                              if ggml and packed and head_dim % 32 == 0 else None)
 
     def __call__(self, q, layer, n_pos, batched, heads=None):
+        if self.packed_values is not None:
+            return attention_q8(q, self.kv, layer, n_pos, self.n_head, self.n_head_kv,
+                                self.head_dim, batched, self.packed_values, heads)
         if self.ggml:
             return attention_ggml(q, self.kv, layer, n_pos, self.n_head, self.n_head_kv,
                                   self.head_dim, batched, heads)
         return attention(q, self.kv, layer, n_pos, self.n_head, self.n_head_kv,
                          self.head_dim, heads)
+
+
+def as_vector(result):
+    """A vector for the next matrix: the values, or the Q8X of an 8-bit form (q, d)."""
+    return Q8X.from_blocks(*result) if isinstance(result, tuple) else result
 
 
 def swiglu_of(ggml):
@@ -4408,15 +4570,14 @@ class LocalMatmul:
     def gated(self, group_id, x):
         """swiglu(gate.x, up.x) for a (gate, up) group: the values, or the Q8X that
         ffn_down makes of them when the group is only bounded (gated_q8)."""
-        result = gated_group(self.kernels[group_id], x, self.swiglu)
-        return Q8X.from_blocks(*result) if isinstance(result, tuple) else result
+        return as_vector(gated_group(self.kernels[group_id], x, self.swiglu))
 
     def argmax(self, group_id, x):
         """The row of group_argmax."""
         return group_argmax(self.kernels[group_id], x)[0]
 
     def attend(self, attention, q, layer, n_pos, batched):
-        return attention(q, layer, n_pos, batched)
+        return as_vector(attention(q, layer, n_pos, batched))
 
     def close(self):
         self.kernels = []
@@ -4439,7 +4600,8 @@ class ParallelMatmul:
     the argmax of a one-matrix group (worker i writes its best row and that row's value as
     y[2i], y[2i + 1]), or b"a" to attend (x is the query, the header layer, positions and
     whether the token is one of a batch) over the KV cache, which then lives in the block
-    (kv_layout: n_layer, n_ctx, kv_dim, n_head, n_head_kv, head_dim). Each process answers
+    (kv_layout: n_layer, n_ctx, kv_dim, n_head, n_head_kv, head_dim; packed, the output
+    is 8-bit as for b"g", see attention_q8). Each process answers
     for its own rows or heads and writes them where all of them would be. A worker that
     sees its pipe close (this process ended, for whatever reason) exits, so none outlives
     us; the block is unlinked as soon as every worker has attached, so none is left behind.
@@ -4456,7 +4618,8 @@ class ParallelMatmul:
         # x and y also hold attention's query and output: attn_output's input, attn_q's rows;
         # x a Q8X's 8-bit values and scales
         max_in = max(group[0].n_cols * 33 // 32 for group in groups)
-        max_out = max(sum(t.n_rows for t in group) for group in groups)
+        # y also holds attention's output in 8-bit form: attn_output's input, as for x
+        max_out = max([max_in] + [sum(t.n_rows for t in group) for group in groups])
         kv_bytes = 0 if kv_layout is None else KVCache.bytes_needed(*kv_layout[:3])
         from multiprocessing import shared_memory  # here: 0.8 MB of modules -j 1 never needs
         y_at = self.HEADER.size + 8 * max_in
@@ -4551,23 +4714,28 @@ class ParallelMatmul:
         self._start(b"g", x, group_id, 0, 0)
         mine = gated_group(self.kernels[group_id], x, self.swiglu)
         self.wait_for_workers()
-        n = self.groups[group_id][0].n_rows
-        if not isinstance(mine, tuple):
-            return self._gather(mine, (0, n))
-        q, d = mine
-        return Q8X.from_blocks(q + list(map(int, self.y_view[len(q):n])),
-                               list(d) + self.y_view[n + len(d):n + n // 32].tolist())
+        return self._gather_rows(mine, self.groups[group_id][0].n_rows)
 
     def attend(self, attention, q, layer, n_pos, batched):
         """As LocalMatmul.attend, each process attending with its share of the query heads
         when the KV cache is the shared one."""
         if attention.kv is not self.kv:
-            return attention(q, layer, n_pos, batched)
+            return as_vector(attention(q, layer, n_pos, batched))
         self._start(b"a", q, layer, n_pos, batched)
         mine = attention(q, layer, n_pos, batched,
                          range(*share_bounds(attention.n_head, 0, self.n_procs)))
         self.wait_for_workers()
-        return self._gather(mine, (0, len(q)))
+        return self._gather_rows(mine, len(q))
+
+    def _gather_rows(self, mine, n):
+        """The n rows of a gated group or of attention: ours (the first ones) and the
+        workers' from y, as values or as the Q8X of an 8-bit form (q, d), whose q the
+        processes write as the rows and d after all n rows (put_rows)."""
+        if not isinstance(mine, tuple):
+            return self._gather(mine, (0, n))
+        q, d = mine
+        return Q8X.from_blocks(q + list(map(int, self.y_view[len(q):n])),
+                               list(d) + self.y_view[n + len(d):n + n // 32].tolist())
 
     def close(self):
         for fd in self.go_fds + self.done_fds:
@@ -4622,6 +4790,15 @@ def attach_shared_memory(name):
         resource_tracker.register = register
 
 
+def put_rows(y_view, rows, start, end, n):
+    """A worker's rows start..end-1 of n into y: values, or an 8-bit form (q, d) as q in
+    the rows and d after all n rows (ParallelMatmul._gather_rows)."""
+    if isinstance(rows, tuple):
+        rows, d = rows
+        y_view[n + start // 32:n + end // 32] = array.array("d", d)
+    y_view[start:end] = array.array("d", rows)
+
+
 def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, go_fd,
                   done_fd, packed, ggml, kv_layout, gated):
     """A worker process: multiplies its share of every matrix's rows, and attends with its
@@ -4646,7 +4823,7 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, 
     if kv_layout is not None:
         n_layer, n_ctx, kv_dim, n_head, n_head_kv, head_dim = kv_layout
         attention = Attention(KVCache(n_layer, n_ctx, kv_dim, buf=shm.buf[y_at + 8 * max_out:]),
-                              n_head, n_head_kv, head_dim, ggml)
+                              n_head, n_head_kv, head_dim, ggml, packed)
         heads = range(*share_bounds(n_head, share, n_procs))
     os.write(done_fd, b"+")
     try:
@@ -4656,10 +4833,10 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, 
                 break
             group_id, n_pos, batched = header.unpack_from(shm.buf, 0)
             if op == b"a":
-                q = x_view[:attention.n_head * attention.head_dim].tolist()
-                rows = attention(q, group_id, n_pos, bool(batched), heads)
-                y_view[heads.start * attention.head_dim:heads.stop * attention.head_dim] = (
-                    array.array("d", rows))
+                n = attention.n_head * attention.head_dim
+                put_rows(y_view, attention(x_view[:n].tolist(), group_id, n_pos, bool(batched),
+                                           heads),
+                         heads.start * attention.head_dim, heads.stop * attention.head_dim, n)
             elif group_id >= 0:  # a negative id is a ping
                 n = groups[group_id][0].n_cols
                 if op == b"8":
@@ -4671,12 +4848,8 @@ def matmul_worker(path, group_names, share, n_procs, shm_name, max_in, max_out, 
                 if op == b"?":
                     y_view[2 * share - 2:2 * share] = array.array("d", group_argmax(mine, x))
                 elif op == b"g":
-                    rows, start, end = gated_group(mine, x, swiglu), mine[0].start, mine[0].end
-                    if isinstance(rows, tuple):  # (q, d): q as the rows, d after all rows
-                        rows, d = rows
-                        n_rows = mine[0].tensor.n_rows
-                        y_view[n_rows + start // 32:n_rows + end // 32] = array.array("d", d)
-                    y_view[start:end] = array.array("d", rows)
+                    put_rows(y_view, gated_group(mine, x, swiglu), mine[0].start, mine[0].end,
+                             mine[0].tensor.n_rows)
                 else:
                     base = 0
                     for kernel, rows in zip(mine, multiply_group(mine, x)):
@@ -4843,7 +5016,7 @@ class Model:
 
         self.threads = max(1, threads)
         self.accel, self.matmul, self.weights = None, None, "mapped"
-        self.packed_attention = None
+        self.packed_attention, self.packed_position_bytes = None, 0
         kernels, library = (load_accelerator() if accelerate else
                             (None, "--no-accel" if arithmetic == "llama.cpp"
                              else "not used with --arithmetic exact"))
@@ -4861,16 +5034,22 @@ class Model:
         self.output_group = len(group_names) - 1
         groups = [[tensors[name] for name in names] for names in group_names]
         gated = range(2, len(groups) - 1, len(LAYER_GROUPS))  # the (ffn_gate, ffn_up) groups
-        if self.ggml:  # attention is ggml's too: no packed KV cache
+        # packed, attention keeps a packed copy of what it reads, growing with the positions
+        if self.ggml:  # the value rows (attention_q8)
             bounded = {t.name for i in gated if boundable(groups[i]) for t in groups[i]}
-            packed, self.weights = choose_packing(
-                pack, [t for g in groups for t in g],
-                size=lambda t: (GgmlBoundRows if t.name in bounded else GgmlRows).packed_bytes(t))
-        else:
-            packed, self.weights = choose_packing(
-                pack, [t for g in groups for t in g],
-                PackedAttention.bytes_per_position(cfg.n_layer, cfg.n_head_kv, cfg.head_dim)
-                * n_ctx)
+            per_position = (PackedValues.bytes_per_position(cfg.n_layer, cfg.n_head_kv,
+                                                            cfg.head_dim)
+                            if cfg.head_dim % 32 == 0 else 0)
+
+            def size(t):
+                return (GgmlBoundRows if t.name in bounded else GgmlRows).packed_bytes(t)
+        else:  # the keys and values (PackedAttention)
+            per_position = PackedAttention.bytes_per_position(cfg.n_layer, cfg.n_head_kv,
+                                                              cfg.head_dim)
+            size = packed_bytes
+        packed, self.weights = choose_packing(pack, [t for g in groups for t in g],
+                                              per_position * n_ctx, size)
+        self.packed_position_bytes = per_position if packed else 0
         self.packed_attention = (PackedAttention(cfg.n_layer, cfg.n_head, cfg.n_head_kv,
                                                  cfg.head_dim) if packed and not self.ggml
                                  else None)
@@ -4888,7 +5067,8 @@ class Model:
                 self.kv = self.matmul.kv
         else:
             self.matmul = LocalMatmul(groups, packed, self.ggml, gated)
-        self.attention = Attention(self.kv, cfg.n_head, cfg.n_head_kv, cfg.head_dim, self.ggml)
+        self.attention = Attention(self.kv, cfg.n_head, cfg.n_head_kv, cfg.head_dim, self.ggml,
+                                   packed)
         if packed:
             self.weights += "; packed in %.1f s" % (time.perf_counter() - start)
         self.tokens = []  # the tokens evaluated so far, one per filled cache position
@@ -5558,11 +5738,13 @@ def report(model, stats, memory):
         ", stopped: " + stats["stop"] if "stop" in stats else ""))
     kv = model.kv
     kv_used = len(model.tokens) * kv.kv_dim * 2 * 2 * model.config.n_layer
+    packed_used = len(model.tokens) * model.packed_position_bytes  # attention's packed copy
     if memory.peak:
         lines.append("memory: RssAnon+RssShmem peak %.1f MB (KV cache %.1f MB of it, runtime "
                      "state %.1f MB); at full context (%d positions) about %.1f MB" % (
                          memory.peak / MB, kv_used / MB, (memory.peak - kv_used) / MB,
-                         model.n_ctx, (memory.peak - kv_used + kv.nbytes) / MB))
+                         model.n_ctx, (memory.peak - kv_used - packed_used + kv.nbytes
+                                       + model.n_ctx * model.packed_position_bytes) / MB))
     if isinstance(model.matmul, ParallelMatmul):
         worker_rss = [resident_bytes(w.pid, shared=False) for w in model.matmul.workers]
         if all(r is not None for r in worker_rss):

@@ -346,6 +346,141 @@ class TestGatedQ8(unittest.TestCase):
         self.assertLess(estimate, 1.25 * taken)
 
 
+
+class TestAttentionQ8(unittest.TestCase):
+    """attention_q8, attention's output for attn_output computed from bounds on V.w and few
+    of its float32 chains, against q8_blocks(attention_ggml(...)) computed in full."""
+
+    N_HEAD, N_HEAD_KV = 6, 2
+
+    def cache(self, n_pos, head_dim, seed, value_scale=1.0):
+        rng = random.Random(seed)
+        kv_dim = self.N_HEAD_KV * head_dim
+        kv = picolm.KVCache(1, n_pos, kv_dim)
+        for pos in range(n_pos):
+            kv.store(0, pos, [rng.gauss(0, 2) for _ in range(kv_dim)],
+                     [rng.gauss(0, value_scale) for _ in range(kv_dim)])
+        self.addCleanup(kv.close)
+        return kv, [f32(rng.gauss(0, 2)) for _ in range(self.N_HEAD * head_dim)]
+
+    def full(self, q, kv, n_pos, head_dim, batched, heads=None):
+        out = picolm.attention_ggml(q, kv, 0, n_pos, self.N_HEAD, self.N_HEAD_KV, head_dim,
+                                    batched, heads)
+        q8, d = picolm.q8_blocks(out) or picolm._not_finite_blocks(len(out))
+        return q8, list(d)
+
+    def bounded(self, q, kv, n_pos, head_dim, batched, packed, heads=None, opened=None):
+        """attention_q8's (q, d); opened, if a list, gets how many dimensions each exact
+        pass computed."""
+        if opened is not None:
+            original = picolm._weighted_values
+
+            def counted(value_rows, weights, hd, lanes):
+                opened.append(hd)
+                return original(value_rows, weights, hd, lanes)
+            picolm._weighted_values = counted
+            self.addCleanup(setattr, picolm, "_weighted_values", original)
+        q8, d = picolm.attention_q8(q, kv, 0, n_pos, self.N_HEAD, self.N_HEAD_KV, head_dim,
+                                    batched, packed, heads)
+        if opened is not None:
+            picolm._weighted_values = original
+        return q8, list(d)
+
+    def test_equals_the_full_computation(self):
+        opened, dims = [], 0
+        for head_dim in (32, 64):
+            for n_pos in (1, 9, 40, 100):
+                kv, q = self.cache(n_pos, head_dim, seed=n_pos + head_dim)
+                packed = picolm.PackedValues(1, self.N_HEAD_KV)
+                for batched in (False, True):
+                    want = self.full(q, kv, n_pos, head_dim, batched)
+                    for split in (0, 2, 3, self.N_HEAD):  # a -j 2 split of the query heads
+                        with self.subTest(head_dim=head_dim, n_pos=n_pos, batched=batched,
+                                          split=split):
+                            first = self.bounded(q, kv, n_pos, head_dim, batched, packed,
+                                                 range(split), opened)
+                            second = self.bounded(q, kv, n_pos, head_dim, batched, packed,
+                                                  range(split, self.N_HEAD), opened)
+                            self.assertEqual((first[0] + second[0], first[1] + second[1]),
+                                             want)
+                            dims += self.N_HEAD * head_dim
+        # about one dimension a block (its largest |value|) computed in full
+        self.assertLess(sum(opened), 0.1 * dims)
+
+    def test_stale_rows_are_not_used(self):
+        """The packed rows follow the cache: values overwritten (a reset, a loaded cache)
+        and fewer positions than were packed."""
+        head_dim, n_pos = 64, 30
+        kv, q = self.cache(n_pos, head_dim, seed=1)
+        packed = picolm.PackedValues(1, self.N_HEAD_KV)
+        self.bounded(q, kv, n_pos, head_dim, False, packed)
+        rng = random.Random(2)
+        kv_dim = self.N_HEAD_KV * head_dim
+        for pos in range(12, n_pos):
+            kv.store(0, pos, [rng.gauss(0, 2) for _ in range(kv_dim)],
+                     [rng.gauss(0, 3) for _ in range(kv_dim)])
+        for positions in (n_pos, 12, 20):
+            with self.subTest(n_pos=positions):
+                self.assertEqual(self.bounded(q, kv, positions, head_dim, False, packed),
+                                 self.full(q, kv, positions, head_dim, False))
+
+    def test_not_finite_values(self):
+        """An inf in a value row makes that key/value head's output not finite, as
+        attention_ggml's; the other head is still bounded."""
+        head_dim, n_pos = 32, 10
+        kv, q = self.cache(n_pos, head_dim, seed=3)
+        row = list(kv.row(0, 1, 4))
+        row[head_dim + 5] = math.inf  # key/value head 1
+        kv.store(0, 4, kv.row(0, 0, 4), row)
+        packed = picolm.PackedValues(1, self.N_HEAD_KV)
+        full = picolm.attention_ggml(q, kv, 0, n_pos, self.N_HEAD, self.N_HEAD_KV, head_dim,
+                                     False)
+        q8, d = self.bounded(q, kv, n_pos, head_dim, False, packed)
+        self.assertFalse(picolm.Q8X.from_blocks(q8, d).finite)
+        self.assertFalse(picolm.Q8X(full).finite)
+        half = self.N_HEAD // 2 * head_dim  # the heads of key/value head 0
+        self.assertEqual((q8[:half], d[:half // 32]), tuple(
+            [list(v) for v in picolm.q8_blocks(full[:half])]))
+        self.assertTrue(all(map(math.isnan, d[half // 32:])))
+
+    def test_bounds_hold(self):
+        """The float32 V.w of every dimension lies within value_sum_intervals, which are
+        narrow beside q's rounding steps."""
+        head_dim, kv_dim = 64, self.N_HEAD_KV * 64
+        for n_pos, scale in ((7, 1.0), (70, 1e-3), (300, 1e3)):
+            kv, q = self.cache(n_pos, head_dim, seed=n_pos, value_scale=scale)
+            values = kv.rows(0, 1, n_pos)
+            rows = picolm.PackedValues(1, self.N_HEAD_KV).head_rows(kv, values, 0, 1, head_dim,
+                                                                    n_pos)
+            maxima = [max(abs(values[head_dim + i + p * kv_dim]) for p in range(n_pos))
+                      for i in range(head_dim)]
+            for lanes in (8, 32):
+                weights = picolm.halves(picolm._f32(
+                    [random.Random(lanes).random() / n_pos for _ in range(n_pos)]))
+                got = picolm._head_output(values, kv_dim, 1, head_dim, weights, lanes,
+                                          range(head_dim))
+                lo, hi = picolm.value_sum_intervals(rows, weights, maxima, lanes)
+                with self.subTest(n_pos=n_pos, lanes=lanes):
+                    for value, a, b in zip(got, lo, hi):
+                        self.assertLessEqual(a, value)
+                        self.assertLessEqual(value, b)
+                    # under a tenth of the 8-bit step, amax/127
+                    self.assertLess(max(b - a for a, b in zip(lo, hi)),
+                                    0.1 * max(map(abs, got)) / 127)
+
+    def test_memory_estimate(self):
+        """PackedValues.bytes_per_position, which --pack auto relies on, covers what the
+        rows take."""
+        head_dim, n_pos = 64, 50
+        kv, q = self.cache(n_pos, head_dim, seed=4)
+        packed = picolm.PackedValues(1, self.N_HEAD_KV)
+        self.bounded(q, kv, n_pos, head_dim, False, packed)
+        taken = (sum(sys.getsizeof(row) + 8 for rows in packed.rows[0] for row in rows)
+                 + len(packed.seen[0]))
+        estimate = n_pos * picolm.PackedValues.bytes_per_position(1, self.N_HEAD_KV, head_dim)
+        self.assertGreaterEqual(estimate, taken)
+        self.assertLess(estimate, 1.25 * taken)
+
 def load_glibc_libm():
     """glibc's libm with sinf and cosf declared, or None where the C library is another."""
     try:
