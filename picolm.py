@@ -2196,12 +2196,15 @@ _VALUE_LANE_BYTES = 10
 class PackedValues:
     """Each key/value head's cached value rows as ints (lane i: V_i * 2**24 + 2**40, 10
     bytes, or None for a row holding inf or nan), made as positions fill and kept between
-    tokens. Before each use the layer's value bytes are compared with those the rows were
-    made from, so a reset or a loaded cache never leaves a stale row."""
+    tokens, and each dimension's largest |V| over every row it has made (inf once a row
+    was not finite): never less than that of the rows in use. Before each use the layer's
+    value bytes are compared with those the rows were made from, so a reset or a loaded
+    cache never leaves a stale row."""
 
-    def __init__(self, n_layer, n_head_kv):
+    def __init__(self, n_layer, n_head_kv, head_dim):
         self.seen = [b""] * n_layer  # each layer's value bytes that the rows were made from
         self.rows = [[[] for _ in range(n_head_kv)] for _ in range(n_layer)]
+        self.maxima = [[[0.0] * head_dim for _ in range(n_head_kv)] for _ in range(n_layer)]
 
     @staticmethod
     def bytes_per_position(n_layer, n_head_kv, head_dim):
@@ -2211,8 +2214,9 @@ class PackedValues:
         return n_layer * n_head_kv * (4 * digits + 2 * head_dim + 48)
 
     def head_rows(self, kv, values, layer, kv_head, head_dim, n_pos):
-        """The rows of positions 0..n_pos-1 of one key/value head; values is the layer's
-        value rows as floats (KVCache.rows)."""
+        """(rows, maxima) of one key/value head: the rows of positions 0..n_pos-1, and
+        maxima at least their largest |V|; values is the layer's value rows as floats
+        (KVCache.rows)."""
         current = kv.value_bytes(layer, n_pos)
         seen = self.seen[layer]
         if current[:len(seen)] != seen[:len(current)]:
@@ -2225,11 +2229,14 @@ class PackedValues:
             seen = seen[:same * row]
         if len(current) > len(seen):
             self.seen[layer] = current
-        rows = self.rows[layer][kv_head]
+        rows, maxima = self.rows[layer][kv_head], self.maxima[layer][kv_head]
         for start in range(len(rows) * kv.kv_dim, n_pos * kv.kv_dim, kv.kv_dim):
-            start += kv_head * head_dim
-            rows.append(_pack_value_row(values[start:start + head_dim]))
-        return rows[:n_pos]
+            row = values[start + kv_head * head_dim:start + (kv_head + 1) * head_dim]
+            rows.append(_pack_value_row(row))
+            maxima = list(map(max, maxima, map(abs, row) if rows[-1] is not None
+                              else repeat(math.inf)))  # (max() passes over a nan)
+        self.maxima[layer][kv_head] = maxima
+        return rows[:n_pos], maxima
 
 
 def _pack_value_row(row):
@@ -2247,19 +2254,18 @@ def attention_q8(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, pack
     32), computing V.w's float32 chains of only the dimensions that its bounds leave open."""
     values = kv.rows(layer, 1, n_pos)
     kv_dim, lanes, hd = kv.kv_dim, _attention_lanes(batched, head_dim), head_dim
-    q_out, d_out, rows, maxima = [], [], {}, {}
+    q_out, d_out, packed = [], [], {}  # packed: PackedValues.head_rows by key/value head
     for kv_head, h, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv,
                                                   head_dim, batched, heads):
         exact = partial(_head_output, values, kv_dim, kv_head, hd, weights, lanes)
-        if kv_head not in rows:
-            off = kv_head * hd
-            rows[kv_head] = packed_values.head_rows(kv, values, layer, kv_head, hd, n_pos)
-            maxima[kv_head] = [max(map(abs, values[off + i::kv_dim])) for i in range(hd)]
-        if None in rows[kv_head] or not all(map(math.isfinite, weights)):
+        if kv_head not in packed:
+            packed[kv_head] = packed_values.head_rows(kv, values, layer, kv_head, hd, n_pos)
+        rows, maxima = packed[kv_head]
+        if None in rows or not all(map(math.isfinite, weights)):
             blocks = q8_blocks(exact(range(hd)))  # inf or nan: every dimension's chains
         else:
-            blocks = q8_from_intervals(*value_sum_intervals(rows[kv_head], weights,
-                                                            maxima[kv_head], lanes), exact)
+            blocks = q8_from_intervals(*value_sum_intervals(rows, weights, maxima, lanes),
+                                       exact)
         q_head, d_head = blocks or _not_finite_blocks(hd)
         q_out += q_head
         d_out += d_head
@@ -4532,7 +4538,7 @@ class Attention:
     def __init__(self, kv, n_head, n_head_kv, head_dim, ggml, packed=False):
         self.kv, self.n_head, self.n_head_kv, self.head_dim = kv, n_head, n_head_kv, head_dim
         self.ggml = ggml
-        self.packed_values = (PackedValues(kv.n_layer, n_head_kv)
+        self.packed_values = (PackedValues(kv.n_layer, n_head_kv, head_dim)
                               if ggml and packed and head_dim % 32 == 0 else None)
 
     def __call__(self, q, layer, n_pos, batched, heads=None):

@@ -391,7 +391,7 @@ class TestAttentionQ8(unittest.TestCase):
         for head_dim in (32, 64):
             for n_pos in (1, 9, 40, 100):
                 kv, q = self.cache(n_pos, head_dim, seed=n_pos + head_dim)
-                packed = picolm.PackedValues(1, self.N_HEAD_KV)
+                packed = picolm.PackedValues(1, self.N_HEAD_KV, head_dim)
                 for batched in (False, True):
                     want = self.full(q, kv, n_pos, head_dim, batched)
                     for split in (0, 2, 3, self.N_HEAD):  # a -j 2 split of the query heads
@@ -412,7 +412,7 @@ class TestAttentionQ8(unittest.TestCase):
         and fewer positions than were packed."""
         head_dim, n_pos = 64, 30
         kv, q = self.cache(n_pos, head_dim, seed=1)
-        packed = picolm.PackedValues(1, self.N_HEAD_KV)
+        packed = picolm.PackedValues(1, self.N_HEAD_KV, head_dim)
         self.bounded(q, kv, n_pos, head_dim, False, packed)
         rng = random.Random(2)
         kv_dim = self.N_HEAD_KV * head_dim
@@ -423,6 +423,11 @@ class TestAttentionQ8(unittest.TestCase):
             with self.subTest(n_pos=positions):
                 self.assertEqual(self.bounded(q, kv, positions, head_dim, False, packed),
                                  self.full(q, kv, positions, head_dim, False))
+                values = kv.rows(0, 1, positions)
+                for kv_head in range(self.N_HEAD_KV):  # maxima hold for the new values
+                    for i, most in enumerate(packed.maxima[0][kv_head]):
+                        self.assertGreaterEqual(most, max(abs(v) for v in values[
+                            kv_head * head_dim + i::kv_dim]))
 
     def test_not_finite_values(self):
         """An inf in a value row makes that key/value head's output not finite, as
@@ -432,7 +437,7 @@ class TestAttentionQ8(unittest.TestCase):
         row = list(kv.row(0, 1, 4))
         row[head_dim + 5] = math.inf  # key/value head 1
         kv.store(0, 4, kv.row(0, 0, 4), row)
-        packed = picolm.PackedValues(1, self.N_HEAD_KV)
+        packed = picolm.PackedValues(1, self.N_HEAD_KV, head_dim)
         full = picolm.attention_ggml(q, kv, 0, n_pos, self.N_HEAD, self.N_HEAD_KV, head_dim,
                                      False)
         q8, d = self.bounded(q, kv, n_pos, head_dim, False, packed)
@@ -450,10 +455,10 @@ class TestAttentionQ8(unittest.TestCase):
         for n_pos, scale in ((7, 1.0), (70, 1e-3), (300, 1e3)):
             kv, q = self.cache(n_pos, head_dim, seed=n_pos, value_scale=scale)
             values = kv.rows(0, 1, n_pos)
-            rows = picolm.PackedValues(1, self.N_HEAD_KV).head_rows(kv, values, 0, 1, head_dim,
-                                                                    n_pos)
-            maxima = [max(abs(values[head_dim + i + p * kv_dim]) for p in range(n_pos))
-                      for i in range(head_dim)]
+            rows, maxima = picolm.PackedValues(1, self.N_HEAD_KV, head_dim).head_rows(
+                kv, values, 0, 1, head_dim, n_pos)
+            self.assertEqual(maxima, [max(abs(values[head_dim + i + p * kv_dim])
+                                          for p in range(n_pos)) for i in range(head_dim)])
             for lanes in (8, 32):
                 weights = picolm.halves(picolm._f32(
                     [random.Random(lanes).random() / n_pos for _ in range(n_pos)]))
@@ -473,7 +478,7 @@ class TestAttentionQ8(unittest.TestCase):
         rows take."""
         head_dim, n_pos = 64, 50
         kv, q = self.cache(n_pos, head_dim, seed=4)
-        packed = picolm.PackedValues(1, self.N_HEAD_KV)
+        packed = picolm.PackedValues(1, self.N_HEAD_KV, head_dim)
         self.bounded(q, kv, n_pos, head_dim, False, packed)
         taken = (sum(sys.getsizeof(row) + 8 for rows in packed.rows[0] for row in rows)
                  + len(packed.seen[0]))
