@@ -2033,20 +2033,81 @@ def gated_q8(gate, up, qx):
     gate_bounds, up_bounds = gate.bounds(bx), up.bounds(bx)
     if gate_bounds is None or up_bounds is None:
         return q8_blocks(exact(range(n))) or _not_finite_blocks(n)
-    return q8_from_intervals(*_swiglu_intervals(gate_bounds, up_bounds), exact) or (
-        _not_finite_blocks(n))
+    # h's intervals are ~4e-4 wide here, near FP16's spacing: settling would seldom work
+    return q8_from_intervals(*_swiglu_intervals(gate_bounds, up_bounds), exact,
+                             settle=False) or _not_finite_blocks(n)
 
 
-def q8_from_intervals(lo, hi, exact):
-    """q8_blocks(x) for values x_i known to lie within [lo_i, hi_i], where exact(offsets)
-    computes the float32 x of the offsets given (a list, in their order): only each block's
-    candidates for its largest |x|, which sets d, and the values whose interval straddles
-    a rounding edge of q are computed. None if one of those is inf or nan."""
+def q8_from_intervals(lo, hi, exact, settle=True):
+    """(q, d) making the same Q8X as q8_blocks(x) (the same q, and d and s rounded to FP16;
+    d itself may differ in its last float32 bits) for values x_i known to lie within
+    [lo_i, hi_i], where exact(offsets) computes the float32 x of the offsets given (a list,
+    in their order). With `settle`, the blocks that the intervals alone decide are settled
+    first (_settled_blocks: worth it where intervals are much narrower than FP16's spacing).
+    In the others only the candidates for the block's largest |x|, which sets d, and the
+    values whose interval straddles a rounding edge of q are computed. None if one of those
+    is inf or nan."""
+    n = len(lo)
+    q, d = [0] * n, [0.0] * (n // 32)
+    settled = _settled_blocks(lo, hi) if settle else {}
+    for b, (block_q, block_d) in settled.items():
+        q[32 * b:32 * b + 32], d[b] = block_q, block_d
+    open_blocks = [b for b in range(n // 32) if b not in settled]
+    if open_blocks:
+        offsets = [i for b in open_blocks for i in range(32 * b, 32 * b + 32)]
+        blocks = _q8_from_exact_amax([lo[i] for i in offsets], [hi[i] for i in offsets],
+                                     lambda picks: exact([offsets[i] for i in picks]))
+        if blocks is None:
+            return None
+        for k, b in enumerate(open_blocks):
+            q[32 * b:32 * b + 32], d[b] = blocks[0][32 * k:32 * k + 32], blocks[1][k]
+    return q, d
+
+
+def _intervals_of_abs(lo, hi):
+    """The least and the most |x| for each x within [lo, hi]."""
+    return ([0.0 if a <= 0.0 <= b else min(abs(a), abs(b)) for a, b in zip(lo, hi)],
+            [max(abs(a), abs(b)) for a, b in zip(lo, hi)])
+
+
+def _settled_blocks(lo, hi):
+    """{block: (q, d)} for the blocks of 32 values whose Q8X the intervals decide. A
+    block's amax = max |x| lies between the largest least |x| and the largest most |x|;
+    d = amax/127, q = round(x * 127/amax) and s = d * sum(q) (then FP16) move monotonically
+    with amax and with x, so the ends of those ranges bound them: where both ends give the
+    same q for all 32 values, the same FP16 d and the same FP16 s, every amax and x within
+    them gives that Q8X."""
+    least, most = _intervals_of_abs(lo, hi)
+    floor = [max(least[i:i + 32]) for i in range(0, len(lo), 32)]
+    top = [max(most[i:i + 32]) for i in range(0, len(lo), 32)]
+    blocks = [b for b, (a, z) in enumerate(zip(floor, top)) if 0.0 < a and z < math.inf]
+    if not blocks:
+        return {}
+    d_lo, inverse_hi = q8_scales([floor[b] for b in blocks])
+    d_hi, inverse_lo = q8_scales([top[b] for b in blocks])
+    ends = [list(map(round, _f32(map(operator.mul, [x[i] for b in blocks
+                                                    for i in range(32 * b, 32 * b + 32)],
+                                     _per_weight(inverse, 32)))))
+            for x in (lo, hi) for inverse in (inverse_lo, inverse_hi)]
+    q_least, q_most = list(map(min, *ends)), list(map(max, *ends))
+    sums = [sum(q_least[k:k + 32]) for k in range(0, len(q_least), 32)]
+    same_d = list(map(operator.eq, halves(d_lo), halves(d_hi)))
+    same_s = list(map(operator.eq, halves(_f32(map(operator.mul, d_lo, sums))),
+                      halves(_f32(map(operator.mul, d_hi, sums)))))
+    settled = {}
+    for k, b in enumerate(blocks):
+        block_q = q_least[32 * k:32 * k + 32]
+        if same_d[k] and same_s[k] and block_q == q_most[32 * k:32 * k + 32]:
+            settled[b] = (block_q, d_lo[k])
+    return settled
+
+
+def _q8_from_exact_amax(lo, hi, exact):
+    """q8_blocks(x) as q8_from_intervals describes it, computing each block's amax."""
     n = len(lo)
     x = {}  # the values computed, by offset
     # the candidates for each block's largest |x|: those that can reach every other's least
-    least = [0.0 if a <= 0.0 <= b else min(abs(a), abs(b)) for a, b in zip(lo, hi)]
-    most = [max(abs(a), abs(b)) for a, b in zip(lo, hi)]
+    least, most = _intervals_of_abs(lo, hi)
     candidates = []
     for b in range(0, n, 32):
         floor = max(least[b:b + 32])
