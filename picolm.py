@@ -2065,9 +2065,9 @@ def q8_from_intervals(lo, hi, exact, settle=True):
 
 
 def _intervals_of_abs(lo, hi):
-    """The least and the most |x| for each x within [lo, hi]."""
-    return ([0.0 if a <= 0.0 <= b else min(abs(a), abs(b)) for a, b in zip(lo, hi)],
-            [max(abs(a), abs(b)) for a, b in zip(lo, hi)])
+    """The least and the most |x| for each x within [lo, hi] (lo, -hi or 0; |lo| or |hi|)."""
+    return (list(map(max, lo, map(operator.neg, hi), repeat(0.0))),
+            list(map(max, map(abs, lo), map(abs, hi))))
 
 
 def _settled_blocks(lo, hi):
