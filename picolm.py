@@ -2274,10 +2274,9 @@ class PackedValues:
         digits = -(-head_dim * _VALUE_LANE_BYTES * 8 // 30)  # an int's 30-bit digits
         return n_layer * n_head_kv * (4 * digits + 2 * head_dim + 48)
 
-    def head_rows(self, kv, values, layer, kv_head, head_dim, n_pos):
+    def head_rows(self, kv, layer, kv_head, head_dim, n_pos):
         """(rows, maxima) of one key/value head: the rows of positions 0..n_pos-1, and
-        maxima at least their largest |V|; values is the layer's value rows as floats
-        (KVCache.rows)."""
+        maxima at least their largest |V|."""
         current = kv.value_bytes(layer, n_pos)
         seen = self.seen[layer]
         if current[:len(seen)] != seen[:len(current)]:
@@ -2291,8 +2290,8 @@ class PackedValues:
         if len(current) > len(seen):
             self.seen[layer] = current
         rows, maxima = self.rows[layer][kv_head], self.maxima[layer][kv_head]
-        for start in range(len(rows) * kv.kv_dim, n_pos * kv.kv_dim, kv.kv_dim):
-            row = values[start + kv_head * head_dim:start + (kv_head + 1) * head_dim]
+        for pos in range(len(rows), n_pos):
+            row = kv.row(layer, 1, pos)[kv_head * head_dim:(kv_head + 1) * head_dim]
             rows.append(_pack_value_row(row))
             maxima = list(map(max, maxima, map(abs, row) if rows[-1] is not None
                               else repeat(math.inf)))  # (max() passes over a nan)
@@ -2313,14 +2312,20 @@ def attention_q8(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, pack
                  heads=None):
     """q8_blocks(attention_ggml(...)) for the query heads in `heads` (head_dim a multiple of
     32), computing V.w's float32 chains of only the dimensions that its bounds leave open."""
-    values = kv.rows(layer, 1, n_pos)
-    kv_dim, lanes, hd = kv.kv_dim, _attention_lanes(batched, head_dim), head_dim
+    lanes, hd = _attention_lanes(batched, head_dim), head_dim
+    unpacked = []  # the layer's value rows as floats, once some dimension is computed in full
+
+    def head_output(kv_head, weights, dims):
+        if not unpacked:
+            unpacked.append(kv.rows(layer, 1, n_pos))
+        return _head_output(unpacked[0], kv.kv_dim, kv_head, hd, weights, lanes, dims)
+
     q_out, d_out, packed = [], [], {}  # packed: PackedValues.head_rows by key/value head
     for kv_head, h, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv,
                                                   head_dim, batched, heads):
-        exact = partial(_head_output, values, kv_dim, kv_head, hd, weights, lanes)
+        exact = partial(head_output, kv_head, weights)
         if kv_head not in packed:
-            packed[kv_head] = packed_values.head_rows(kv, values, layer, kv_head, hd, n_pos)
+            packed[kv_head] = packed_values.head_rows(kv, layer, kv_head, hd, n_pos)
         rows, maxima = packed[kv_head]
         if None in rows or not all(map(math.isfinite, weights)):
             blocks = q8_blocks(exact(range(hd)))  # inf or nan: every dimension's chains
