@@ -2151,8 +2151,8 @@ def attention_ggml(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, he
     values = kv.rows(layer, 1, n_pos)
     lanes = _attention_lanes(batched, head_dim)
     out = []
-    for kv_head, h, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv,
-                                                  head_dim, batched, heads):
+    for kv_head, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv, head_dim,
+                                               batched, heads):
         out += _head_output(values, kv.kv_dim, kv_head, head_dim, weights, lanes,
                             range(head_dim))
     return out
@@ -2164,8 +2164,8 @@ def _attention_lanes(batched, head_dim):
 
 
 def _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, heads):
-    """(key/value head, query head, the FP16 softmax weights of the positions) for each
-    query head in `heads`, as attention_ggml computes them."""
+    """(key/value head, the FP16 softmax weights of the positions) for each query head in
+    `heads`, in order, as attention_ggml computes them."""
     heads = range(n_head) if heads is None else heads
     keys = kv.rows(layer, 0, n_pos)
     kv_dim, group, hd = kv.kv_dim, n_head // n_head_kv, head_dim
@@ -2183,7 +2183,7 @@ def _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched
             total = 0.0
             for s in hsum8([padded[k::8] for k in range(8)]):
                 total += s  # in order, in a double
-            yield kv_head, h, halves(_f32(map(operator.mul, e, repeat(_to_f32(1.0 / total)))))
+            yield kv_head, halves(_f32(map(operator.mul, e, repeat(_to_f32(1.0 / total)))))
 
 
 def _head_output(values, kv_dim, kv_head, head_dim, weights, lanes, dims):
@@ -2321,8 +2321,8 @@ def attention_q8(q, kv, layer, n_pos, n_head, n_head_kv, head_dim, batched, pack
         return _head_output(unpacked[0], kv.kv_dim, kv_head, hd, weights, lanes, dims)
 
     q_out, d_out, packed = [], [], {}  # packed: PackedValues.head_rows by key/value head
-    for kv_head, h, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv,
-                                                  head_dim, batched, heads):
+    for kv_head, weights in _attention_weights(q, kv, layer, n_pos, n_head, n_head_kv, head_dim,
+                                               batched, heads):
         exact = partial(head_output, kv_head, weights)
         if kv_head not in packed:
             packed[kv_head] = packed_values.head_rows(kv, layer, kv_head, hd, n_pos)
