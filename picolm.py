@@ -5015,7 +5015,7 @@ LAYER_GROUPS = (("attn_q", "attn_k", "attn_v"), ("attn_output",), ("ffn_gate", "
 # How the pure path computes: "llama.cpp" repeats llama.cpp's float32 operations bit for
 # bit where picolm knows them (every matrix Q4_1 or Q8_0; other models are computed
 # exactly), so greedy text equals llama.cpp's and the accelerator's, at 0.2-0.5 tok/s on
-# SmolLM2; "exact" computes in float64, ~5x faster, and may pick another token where
+# SmolLM2; "exact" computes in float64, 4-8x faster, and may pick another token where
 # llama.cpp's top two logits are close (it never uses the accelerator, which has only
 # llama.cpp's arithmetic).
 ARITHMETICS = ("llama.cpp", "exact")
@@ -5725,7 +5725,7 @@ def parse_args(argv):
                              "available (so does PICOLM_ACCEL=0)")
     parser.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
                         help="pure Python path: unpack the weights into RAM once (on: "
-                             "~6x faster with --arithmetic exact, ~1.6-1.9x with "
+                             "~6x faster with --arithmetic exact, ~1.7-2.3x with "
                              "llama.cpp's; 7x the file's size), stream them from the file "
                              "(off), or pack when that takes under half the available "
                              "memory (auto, the default)")
@@ -5733,7 +5733,7 @@ def parse_args(argv):
                         help="llama.cpp (the default): the pure path repeats llama.cpp's "
                              "float32 steps bit for bit (models whose matrices are all "
                              "Q4_1/Q8_0), so its text equals llama.cpp's and the "
-                             "accelerator's; exact: pure Python in float64, ~5x faster "
+                             "accelerator's; exact: pure Python in float64, 4-8x faster "
                              "there, may differ where llama.cpp's top two tokens are close")
     parser.add_argument("--version", action="version", version="picolm " + __version__)
     args = parser.parse_args(argv)
