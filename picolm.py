@@ -2033,23 +2033,23 @@ def gated_q8(gate, up, qx):
     gate_bounds, up_bounds = gate.bounds(bx), up.bounds(bx)
     if gate_bounds is None or up_bounds is None:
         return q8_blocks(exact(range(n))) or _not_finite_blocks(n)
-    # h's intervals are ~4e-4 wide here, near FP16's spacing: settling would seldom work
-    return q8_from_intervals(*_swiglu_intervals(gate_bounds, up_bounds), exact,
-                             settle=False) or _not_finite_blocks(n)
+    # h's intervals are ~4e-4 wide, near FP16's spacing: blocks would seldom settle
+    return _q8_from_exact_amax(*_swiglu_intervals(gate_bounds, up_bounds), exact) or (
+        _not_finite_blocks(n))
 
 
-def q8_from_intervals(lo, hi, exact, settle=True):
+def q8_from_intervals(lo, hi, exact):
     """(q, d) making the same Q8X as q8_blocks(x) (the same q, and d and s rounded to FP16;
     d itself may differ in its last float32 bits) for values x_i known to lie within
     [lo_i, hi_i], where exact(offsets) computes the float32 x of the offsets given (a list,
-    in their order). With `settle`, the blocks that the intervals alone decide are settled
-    first (_settled_blocks: worth it where intervals are much narrower than FP16's spacing).
-    In the others only the candidates for the block's largest |x|, which sets d, and the
-    values whose interval straddles a rounding edge of q are computed. None if one of those
-    is inf or nan."""
+    in their order). The blocks that the intervals alone decide are settled first
+    (_settled_blocks: worth it where intervals are much narrower than FP16's spacing); the
+    others go to _q8_from_exact_amax. None if a value computed is inf or nan."""
     n = len(lo)
+    settled = _settled_blocks(lo, hi)
+    if not settled:
+        return _q8_from_exact_amax(lo, hi, exact)
     q, d = [0] * n, [0.0] * (n // 32)
-    settled = _settled_blocks(lo, hi) if settle else {}
     for b, (block_q, block_d) in settled.items():
         q[32 * b:32 * b + 32], d[b] = block_q, block_d
     open_blocks = [b for b in range(n // 32) if b not in settled]
@@ -2103,7 +2103,9 @@ def _settled_blocks(lo, hi):
 
 
 def _q8_from_exact_amax(lo, hi, exact):
-    """q8_blocks(x) as q8_from_intervals describes it, computing each block's amax."""
+    """q8_blocks(x) for values x_i within [lo_i, hi_i], as q8_from_intervals takes them,
+    computing only each block's candidates for its largest |x|, which sets d, and the values
+    whose interval straddles a rounding edge of q. None if one of those is inf or nan."""
     n = len(lo)
     x = {}  # the values computed, by offset
     # the candidates for each block's largest |x|: those that can reach every other's least
